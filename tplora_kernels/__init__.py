@@ -1,0 +1,1 @@
+"""tplora_kernels."""

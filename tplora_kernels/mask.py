@@ -1,0 +1,160 @@
+"""The dropout keep-mask: a pure function of (seed, global row, global column).
+
+Nothing is stored. The kernels regenerate the mask in registers in the forward and backward passes;
+this module is the torch implementation of the same function, bit-identical to the kernels'
+(``tests/test_mask.py`` proves it), used by the ``torch`` backend, the reference and the tests.
+
+The scheme, and why:
+
+* Counter-based Philox-4x32-10 (Salmon et al., SC'11), the generator behind ``tl.rand`` and
+  ``torch``'s CUDA RNG, keyed by the 64-bit seed. The counter is
+  ``(col >> 3, row, row >> 32, col >> 35)`` so every (row, col) below 2^64 x 2^35 has its own
+  counter: the mask cannot repeat or wrap for T·K up to 2^40 (or far beyond).
+* One Philox call yields 128 random bits, which we spend on **eight** consecutive columns at
+  16 bits each. Element ``(row, col)`` keeps iff its 16-bit lane ``>= thr``, with
+  ``thr = round(p · 2^16)``. This is 8x fewer Philox evaluations than one call per element,
+  which is what makes a CPU mask affordable. The cost: p is rounded to a multiple of 2^-16
+  (1.5e-5). The rescale uses the exact keep probability, ``2^16 / (2^16 - thr)``, so the
+  dropped activation stays unbiased.
+* The global indices are TP-invariant: column-parallel LoRA masks the (gathered) full input,
+  row-parallel LoRA offsets its local columns by ``rank · K/t``, and sequence parallelism offsets
+  rows by ``rank · T/t``. So TP=1 and TP=4 drop exactly the same elements.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "MASK_BITS",
+    "PHILOX_ROUNDS",
+    "dropout_threshold",
+    "keep_mask",
+    "keep_scale",
+    "philox4x32",
+]
+
+PHILOX_ROUNDS = 10  # Random123's default; 7 passes BigCrush, 10 keeps the usual safety margin.
+MASK_BITS = 16  # bits of randomness per element: 8 elements per 128-bit Philox output.
+_ONE = 1 << MASK_BITS
+
+_M32 = 0xFFFFFFFF
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+# Rows per chunk when generating a large mask, to bound the int64 temporaries (~8 x 8 B each).
+_CHUNK_GROUPS = 1 << 20
+
+
+def dropout_threshold(p: float) -> int:
+    """Integer threshold for dropout probability ``p``: element dropped iff its lane < thr.
+
+    Args:
+        p: dropout probability in ``[0, 1)``.
+
+    Returns:
+        ``round(p · 2^16)``, in ``[0, 2^16)``. 0 means no dropout.
+
+    Example:
+        >>> dropout_threshold(0.1)
+        6554
+    """
+    if not (isinstance(p, (int, float)) and math.isfinite(p) and 0.0 <= p < 1.0):
+        raise ValueError(f"dropout p must be a finite float in [0, 1), got {p!r}")
+    thr = round(p * _ONE)
+    return min(thr, _ONE - 1)
+
+
+def keep_scale(thr: int) -> float:
+    """The rescale ``1 / P(keep)`` for threshold ``thr`` (exact, so dropout stays unbiased).
+
+    Example:
+        >>> keep_scale(0)
+        1.0
+    """
+    return _ONE / (_ONE - thr)
+
+
+def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
+               rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, ...]:
+    """Philox-4x32 in torch int64 arithmetic, bit-identical to ``triton.language.philox``.
+
+    Counters are int64 tensors holding uint32 values; they broadcast against each other, so
+    the first round runs on row and column vectors only. The int64 products of two uint32
+    values wrap modulo 2^64, which keeps both 32-bit halves exact.
+
+    Args:
+        seed: 64-bit key (its low and high words are the two Philox keys).
+        c0, c1, c2, c3: counter words, int64 tensors with values in ``[0, 2^32)``.
+        rounds: Philox rounds.
+
+    Returns:
+        Four int64 tensors (the output words, values in ``[0, 2^32)``), broadcast shape.
+    """
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    k0, k1 = seed & _M32, seed >> 32
+    for _ in range(rounds):
+        pb = c2 * _ROUND_B
+        pa = c0 * _ROUND_A
+        c0 = ((pb >> 32) & _M32) ^ c1 ^ k0
+        c2 = ((pa >> 32) & _M32) ^ c3 ^ k1
+        c1 = pb & _M32
+        c3 = pa & _M32
+        k0 = (k0 + _KEY_A) & _M32
+        k1 = (k1 + _KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def _lanes(seed: int, rows: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """16-bit lanes for ``rows`` x column groups of 8: int64 ``[len(rows), 8 * len(groups)]``."""
+    r = rows[:, None]
+    g = groups[None, :]
+    w = philox4x32(seed, g & _M32, r & _M32, r >> 32, g >> 32)
+    # Lane order within a group: word 0 low half, word 0 high half, word 1 low, ...
+    halves = []
+    for word in w:
+        halves.append(word & 0xFFFF)
+        halves.append(word >> 16)
+    return torch.stack(torch.broadcast_tensors(*halves), dim=-1).reshape(len(rows), -1)
+
+
+def keep_mask(seed: int | torch.Tensor, row_start: int, n_rows: int, col_start: int, n_cols: int,
+              thr: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The dropout keep-mask for a block of global rows and columns.
+
+    Args:
+        seed: the per-call dropout seed (python int or a one-element integer tensor).
+        row_start: global index of the first row (token) of the block.
+        n_rows: rows in the block.
+        col_start: global index of the first column (feature) of the block.
+        n_cols: columns in the block.
+        thr: ``dropout_threshold(p)``.
+        device: where to build the mask (default CPU).
+
+    Returns:
+        bool tensor ``[n_rows, n_cols]``, True where the element is kept.
+
+    Example:
+        >>> m = keep_mask(1234, 0, 4, 0, 16, dropout_threshold(0.5))
+        >>> m.shape, m.dtype
+        (torch.Size([4, 16]), torch.bool)
+    """
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed.reshape(-1)[0].item())
+    out = torch.empty(n_rows, n_cols, dtype=torch.bool, device=device)
+    if n_rows == 0 or n_cols == 0:
+        return out
+    g0 = col_start >> 3
+    g1 = (col_start + n_cols - 1) >> 3
+    groups = torch.arange(g0, g1 + 1, dtype=torch.int64, device=device)
+    lead = col_start - (g0 << 3)
+    step = max(1, _CHUNK_GROUPS // len(groups))
+    for r0 in range(0, n_rows, step):
+        rows = torch.arange(row_start + r0, row_start + min(n_rows, r0 + step), dtype=torch.int64,
+                            device=device)
+        lanes = _lanes(seed, rows, groups)
+        torch.ge(lanes[:, lead:lead + n_cols], thr, out=out[r0:r0 + len(rows)])
+    return out

@@ -1,0 +1,317 @@
+"""Triton kernels for LoRA on one tensor-parallel rank (private; see ``ops.launch``).
+
+Five kernels, after LoRAFusion's split (DESIGN §3):
+
+==========================  ==========================================  ===================
+kernel                      computes                                    reads once
+==========================  ==========================================  ===================
+``_lora_shrink_fwd_kernel``  ``u = drop(X) Aᵀ``                          X
+``_lora_linear_fwd_kernel``  ``out = X Wᵀ + s·u Bᵀ (+ bias)``             X, W
+``_lora_dy_bwd_kernel``      ``du = s·dy B`` and ``dB = s·dyᵀ u``         dy
+``_lora_linear_dx_kernel``   ``dx = dy W + (du A) ⊙ M / (1-p)``           dy, W
+``_lora_shrink_bwd_kernel``  ``dA = duᵀ drop(X)``                         X
+==========================  ==========================================  ===================
+
+Conventions that every kernel shares:
+
+* **Row-chunked operands.** Every operand with one row per token ("T-row") is addressed as
+  ``row m -> (m // RPC) * s_c + (m % RPC) * s_m``. A plain 2-D tensor passes ``s_c = RPC·s_m``;
+  a collective buffer ``[t chunks, T/t rows, W]`` passes its chunk stride. That lets the kernels
+  write ``z`` and ``u`` (or ``dX`` and ``du``) straight into the one buffer that the base layer's
+  collective reduces, so LoRA adds no collective and no copy.
+* **Dropout in registers.** ``_keep`` is the mask of ``tplora_kernels.mask``, bit for bit:
+  Philox-4x32-10 on counter ``(col >> 3, row, row >> 32, col >> 35)``, 16-bit lane ``col & 7``,
+  keep iff ``lane >= THR``. The 1/(1-p) rescale is applied once to the fp32 accumulator, not to
+  each element, so the dropped operand is ``x`` or exactly 0.
+* **fp32 accumulation**; outputs take their buffer's dtype. LoRA weight tiles are cast to the
+  activation dtype for ``tl.dot``. ``DOT_F32`` upcasts both operands (the interpreter cannot
+  multiply bf16: triton issue #11584).
+* **int64 offsets.** Row indices are int64 before they meet a stride, so T·K > 2^31 is safe.
+* **Reductions never depend on the launch config.** Autotune varies only the non-reduction
+  tiles, warps and stages; every reduction's block (``BLOCK_K`` of the forward GEMM, ``BLOCK_N``
+  of the backward one, the dy-pass and shrink-grad row blocks) is fixed per dtype, so results
+  are bit-identical whichever config a rank's autotuner picks.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _keep(seed, o_row, o_col, THR: tl.constexpr):
+    """[BM, BN] keep-mask for global rows ``o_row`` [BM] and columns ``o_col`` [BN] (int64)."""
+    zero = tl.zeros([o_row.shape[0], o_col.shape[0]], dtype=tl.int64)
+    g = o_col[None, :] >> 3
+    r = o_row[:, None]
+    c0 = (g + zero).to(tl.uint32)
+    c1 = (r + zero).to(tl.uint32)
+    c2 = ((r >> 32) + zero).to(tl.uint32)
+    c3 = ((g >> 32) + zero).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
+    lane = (o_col[None, :] & 7) + zero
+    word = tl.where(lane < 2, w0, tl.where(lane < 4, w1, tl.where(lane < 6, w2, w3)))
+    half = (word >> ((lane & 1) * 16).to(tl.uint32)) & 0xFFFF
+    return half >= THR
+
+
+@triton.jit
+def _rows(o_m, RPC, s_c, s_m):
+    """int64 element offsets of T-rows ``o_m`` in a row-chunked operand."""
+    return (o_m // RPC) * s_c + (o_m % RPC) * s_m
+
+
+@triton.jit
+def _grouped(pid, n_m, n_n, GROUP_M: tl.constexpr):
+    """Swizzled (pid_m, pid_n): GROUP_M row-blocks share each column-block sweep, for L2 reuse."""
+    width = GROUP_M * n_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lora_shrink_fwd_kernel(
+    p_x, p_a, p_u, p_seed,
+    T, K, R, RPC,
+    s_xc, s_xm, s_xk,
+    s_ar, s_ak,
+    s_uc, s_um, s_ur,
+    row0, col0, inv_keep,
+    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    o_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_r = tl.arange(0, BLOCK_R)
+    m_m = o_m < T
+    m_r = o_r < R
+    o_xm = _rows(o_m, RPC, s_xc, s_xm)
+    if HAS_DROPOUT:
+        seed = tl.load(p_seed)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        m_k = o_k < K
+        b_x = tl.load(p_x + o_xm[:, None] + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            b_x = tl.where(_keep(seed, row0 + o_m, col0 + o_k, THR), b_x, tl.zeros_like(b_x))
+        b_at = tl.load(p_a + o_r[None, :] * s_ar + o_k[:, None] * s_ak, mask=m_k[:, None] & m_r[None, :],
+                       other=0.0)
+        if DOT_F32:
+            acc = tl.dot(b_x.to(tl.float32), b_at.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(b_x, b_at.to(b_x.dtype), acc, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    o_um = _rows(o_m, RPC, s_uc, s_um)
+    tl.store(p_u + o_um[:, None] + o_r[None, :] * s_ur, acc.to(p_u.dtype.element_ty),
+             mask=m_m[:, None] & m_r[None, :])
+
+
+@triton.jit
+def _lora_linear_fwd_kernel(
+    p_x, p_w, p_u, p_b, p_bias, p_out,
+    T, N, K, R, RPC,
+    s_xc, s_xm, s_xk,
+    s_wn, s_wk,
+    s_uc, s_um, s_ur,
+    s_bn, s_br,
+    s_oc, s_om, s_on,
+    scale,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    o_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_r = tl.arange(0, BLOCK_R)
+    m_m = o_m < T
+    m_n = o_n < N
+    m_r = o_r < R
+    o_xm = _rows(o_m, RPC, s_xc, s_xm)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        m_k = o_k < K
+        b_x = tl.load(p_x + o_xm[:, None] + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_wt = tl.load(p_w + o_n[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_k[:, None] & m_n[None, :],
+                       other=0.0)
+        if DOT_F32:
+            acc = tl.dot(b_x.to(tl.float32), b_wt.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(b_x, b_wt, acc, input_precision=PRECISION)
+    # The LoRA term is one more r-wide step of the same K loop, kept in its own accumulator so
+    # that s multiplies fp32 values and never rounds a low-precision tile.
+    o_um = _rows(o_m, RPC, s_uc, s_um)
+    b_u = tl.load(p_u + o_um[:, None] + o_r[None, :] * s_ur, mask=m_m[:, None] & m_r[None, :], other=0.0)
+    b_bt = tl.load(p_b + o_n[None, :] * s_bn + o_r[:, None] * s_br, mask=m_r[:, None] & m_n[None, :],
+                   other=0.0)
+    if DOT_F32:
+        lora = tl.dot(b_u.to(tl.float32), b_bt.to(tl.float32), input_precision=PRECISION)
+    else:
+        lora = tl.dot(b_u, b_bt.to(b_u.dtype), input_precision=PRECISION)
+    acc += scale * lora
+    if HAS_BIAS:
+        acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    o_om = _rows(o_m, RPC, s_oc, s_om)
+    tl.store(p_out + o_om[:, None] + o_n[None, :] * s_on, acc.to(p_out.dtype.element_ty),
+             mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _lora_dy_bwd_kernel(
+    p_dy, p_b, p_u, p_du, p_dbp,
+    T, N, R, RPC, U_ROW0, U_ROWS,
+    s_dyc, s_dym, s_dyn,
+    s_bn, s_br,
+    s_uc, s_um, s_ur,
+    s_duc, s_dum, s_dur,
+    s_pt, s_pn, s_pr,
+    scale,
+    COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # One program per BLOCK_M rows of dy; it streams dy once along N. du's reduction over N stays
+    # in registers; dB's reduction over T is split across programs into fp32 partials
+    # p_dbp[block, N, R], summed afterwards in a fixed order (deterministic, unlike atomics).
+    # u holds rows [U_ROW0, U_ROW0 + U_ROWS) of dy's row space (row-parallel SP keeps only its
+    # own rows of u); partial slot = this block's index among the blocks that meet those rows.
+    pid = tl.program_id(0)
+    o_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_r = tl.arange(0, BLOCK_R)
+    m_m = o_m < T
+    m_r = o_r < R
+    o_dym = _rows(o_m, RPC, s_dyc, s_dym)
+    if COMPUTE_DB:
+        o_ul = o_m - U_ROW0
+        m_u = m_m & (o_ul >= 0) & (o_ul < U_ROWS)
+        b_u = tl.load(p_u + o_ul[:, None] * s_um + o_r[None, :] * s_ur, mask=m_u[:, None] & m_r[None, :],
+                      other=0.0)
+        first = U_ROW0 // BLOCK_M
+        last = (U_ROW0 + U_ROWS - 1) // BLOCK_M
+        do_db = (pid >= first) & (pid <= last)
+        slot = (pid - first).to(tl.int64)
+    acc_du = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        m_n = o_n < N
+        b_dy = tl.load(p_dy + o_dym[:, None] + o_n[None, :] * s_dyn, mask=m_m[:, None] & m_n[None, :],
+                       other=0.0)
+        if COMPUTE_DU:
+            b_b = tl.load(p_b + o_n[:, None] * s_bn + o_r[None, :] * s_br, mask=m_n[:, None] & m_r[None, :],
+                          other=0.0)
+            if DOT_F32:
+                acc_du = tl.dot(b_dy.to(tl.float32), b_b.to(tl.float32), acc_du, input_precision=PRECISION)
+            else:
+                acc_du = tl.dot(b_dy, b_b.to(b_dy.dtype), acc_du, input_precision=PRECISION)
+        if COMPUTE_DB:
+            if do_db:
+                if DOT_F32:
+                    db = tl.dot(tl.trans(b_dy.to(tl.float32)), b_u.to(tl.float32), input_precision=PRECISION)
+                else:
+                    db = tl.dot(tl.trans(b_dy), b_u.to(b_dy.dtype), input_precision=PRECISION)
+                tl.store(p_dbp + slot * s_pt + o_n[:, None] * s_pn + o_r[None, :] * s_pr, db,
+                         mask=m_n[:, None] & m_r[None, :])
+    if COMPUTE_DU:
+        o_dum = _rows(o_m, RPC, s_duc, s_dum)
+        tl.store(p_du + o_dum[:, None] + o_r[None, :] * s_dur, (acc_du * scale).to(p_du.dtype.element_ty),
+                 mask=m_m[:, None] & m_r[None, :])
+
+
+@triton.jit
+def _lora_linear_dx_kernel(
+    p_dy, p_w, p_du, p_a, p_dx, p_seed,
+    T, N, K, R, RPC,
+    s_dyc, s_dym, s_dyn,
+    s_wn, s_wk,
+    s_duc, s_dum, s_dur,
+    s_ar, s_ak,
+    s_dxc, s_dxm, s_dxk,
+    row0, col0, inv_keep,
+    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = _grouped(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    o_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    o_r = tl.arange(0, BLOCK_R)
+    m_m = o_m < T
+    m_k = o_k < K
+    m_r = o_r < R
+    o_dym = _rows(o_m, RPC, s_dyc, s_dym)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        m_n = o_n < N
+        b_dy = tl.load(p_dy + o_dym[:, None] + o_n[None, :] * s_dyn, mask=m_m[:, None] & m_n[None, :],
+                       other=0.0)
+        b_w = tl.load(p_w + o_n[:, None] * s_wn + o_k[None, :] * s_wk, mask=m_n[:, None] & m_k[None, :],
+                      other=0.0)
+        if DOT_F32:
+            acc = tl.dot(b_dy.to(tl.float32), b_w.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(b_dy, b_w, acc, input_precision=PRECISION)
+    o_dum = _rows(o_m, RPC, s_duc, s_dum)
+    b_du = tl.load(p_du + o_dum[:, None] + o_r[None, :] * s_dur, mask=m_m[:, None] & m_r[None, :], other=0.0)
+    b_a = tl.load(p_a + o_r[:, None] * s_ar + o_k[None, :] * s_ak, mask=m_r[:, None] & m_k[None, :], other=0.0)
+    if DOT_F32:
+        lora = tl.dot(b_du.to(tl.float32), b_a.to(tl.float32), input_precision=PRECISION)
+    else:
+        lora = tl.dot(b_du, b_a.to(b_du.dtype), input_precision=PRECISION)
+    if HAS_DROPOUT:
+        # The mask is regenerated here, in the epilogue, from the same (seed, row, col).
+        seed = tl.load(p_seed)
+        lora = tl.where(_keep(seed, row0 + o_m, col0 + o_k, THR), lora * inv_keep, 0.0)
+    acc += lora
+    o_dxm = _rows(o_m, RPC, s_dxc, s_dxm)
+    tl.store(p_dx + o_dxm[:, None] + o_k[None, :] * s_dxk, acc.to(p_dx.dtype.element_ty),
+             mask=m_m[:, None] & m_k[None, :])
+
+
+@triton.jit
+def _lora_shrink_bwd_kernel(
+    p_du, p_x, p_dap, p_seed,
+    T, K, R, RPC, ROWS_PER_SPLIT,
+    s_duc, s_dum, s_dur,
+    s_xc, s_xm, s_xk,
+    s_pt, s_pr, s_pk,
+    row0, col0, inv_keep,
+    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # Grid (K blocks, T splits). Each program reduces its split's rows in registers and writes
+    # one fp32 partial p_dap[split, R, K]; the splits are summed afterwards in a fixed order.
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    o_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    o_r = tl.arange(0, BLOCK_R)
+    m_k = o_k < K
+    m_r = o_r < R
+    if HAS_DROPOUT:
+        seed = tl.load(p_seed)
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    start = pid_s.to(tl.int64) * ROWS_PER_SPLIT
+    for m0 in range(start, tl.minimum(start + ROWS_PER_SPLIT, T), BLOCK_M):
+        o_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_m = o_m < T
+        o_dum = _rows(o_m, RPC, s_duc, s_dum)
+        b_dut = tl.load(p_du + o_dum[None, :] + o_r[:, None] * s_dur, mask=m_r[:, None] & m_m[None, :],
+                        other=0.0)
+        o_xm = _rows(o_m, RPC, s_xc, s_xm)
+        b_x = tl.load(p_x + o_xm[:, None] + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            b_x = tl.where(_keep(seed, row0 + o_m, col0 + o_k, THR), b_x, tl.zeros_like(b_x))
+        if DOT_F32:
+            acc = tl.dot(b_dut.to(tl.float32), b_x.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(b_dut.to(b_x.dtype), b_x, acc, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    tl.store(p_dap + pid_s.to(tl.int64) * s_pt + o_r[:, None] * s_pr + o_k[None, :] * s_pk, acc,
+             mask=m_r[:, None] & m_k[None, :])
