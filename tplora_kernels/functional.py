@@ -1,0 +1,215 @@
+"""Functional API: ``column_parallel_lora`` and ``row_parallel_lora``.
+
+These validate every argument *before* any collective, from what every rank sees alike
+(shapes, dtypes, devices, options), so a bad call raises the same error on every rank and no rank
+is left waiting in a collective. Then they flatten the leading dimensions into rows, draw the
+dropout seed, and call the autograd Functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import distributed as D
+from ._backend import resolve_backend
+from .autograd import Plan, _ColumnParallelLoRAFn, _RowParallelLoRAFn
+from .mask import dropout_threshold
+
+__all__ = ["column_parallel_lora", "draw_seed", "row_parallel_lora"]
+
+_ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def draw_seed(device: torch.device | str) -> torch.Tensor:
+    """A fresh dropout seed from torch's default generator on ``device``, as a device tensor.
+
+    Drawing on the device avoids a host sync. Megatron seeds that generator alike on every TP
+    rank, and its activation checkpointing restores it before recompute, so every rank and the
+    recompute draw the same seed.
+
+    Returns:
+        ``[1]`` int64 tensor in ``[0, 2^63)`` on ``device``.
+
+    Example:
+        >>> draw_seed("cpu").shape
+        torch.Size([1])
+    """
+    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    if seed is None:
+        return draw_seed(device)
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+def _check_tensor(name: str, t, *, dims: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+def _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -> int:
+    """Checks shared by both modes; returns the dropout threshold."""
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, dims=2)
+    _check_tensor("lora_a", lora_a, dims=2)
+    _check_tensor("lora_b", lora_b, dims=2)
+    if bias is not None:
+        _check_tensor("bias", bias, dims=1)
+    if x.dtype not in _ACT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have a hidden dimension, got shape {tuple(x.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"x dtype {x.dtype} must match the base weight's dtype {weight.dtype} "
+                        "(mixed activation/weight dtypes are not supported; cast x first)")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype not in (torch.float32, x.dtype):
+            raise TypeError(f"{name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
+    devices = {n: t.device for n, t in (("x", x), ("weight", weight), ("bias", bias), ("lora_a", lora_a),
+                                         ("lora_b", lora_b)) if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"x, the base weights and the LoRA weights must share one device, got {devices}")
+    if lora_a.shape[0] != lora_b.shape[1] or lora_a.shape[0] < 1:
+        raise ValueError(f"LoRA rank mismatch: lora_a is {tuple(lora_a.shape)} ([r, K]) and lora_b is "
+                         f"{tuple(lora_b.shape)} ([N, r]); r must be >= 1 and agree")
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError("the base weight and bias must be frozen (requires_grad=False): LoRA computes no "
+                         "base weight gradient")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not (math.isfinite(dropout_p) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if seed is not None and not isinstance(seed, (int, torch.Tensor)):
+        raise TypeError(f"seed must be None, an int or an int64 tensor, got {type(seed).__name__}")
+    if isinstance(seed, torch.Tensor) and (seed.numel() != 1 or seed.dtype.is_floating_point):
+        raise ValueError(f"seed tensor must hold one integer, got shape {tuple(seed.shape)} {seed.dtype}")
+    return dropout_threshold(float(dropout_p))
+
+
+def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
+                         seed: int | torch.Tensor | None = None, sequence_parallel: bool = False,
+                         gather_output: bool = False, group: dist.ProcessGroup | None = None,
+                         backend: str | None = None) -> torch.Tensor:
+    """LoRA on a column-parallel linear: ``y_i = X W_iᵀ + s·(drop(X) Aᵀ) B_iᵀ (+ bias_i)``.
+
+    Adds no collective to the base layer's: SP gathers x's rows in forward (the base needs it)
+    and backward reduces ``[dX | du]`` in the base's one dgrad collective.
+
+    Args:
+        x: ``[..., K]`` input; under SP the local ``[S/t, ..., K]`` (dim 0 is the sequence).
+        weight: ``[N/t, K]`` frozen base weight shard, x's dtype.
+        lora_a: ``[r, K]`` LoRA A, replicated (fp32 or x's dtype).
+        lora_b: ``[N/t, r]`` LoRA B shard (fp32 or x's dtype).
+        bias: optional ``[N/t]`` frozen bias shard (added in the kernel epilogue).
+        scale: s = alpha/r (or alpha/sqrt(r)).
+        dropout_p: LoRA dropout probability in [0, 1) (pass 0 in eval mode).
+        seed: dropout seed; None draws one from the default generator on x's device.
+        sequence_parallel: x holds this rank's slice of dim 0.
+        gather_output: all-gather the output columns to ``[..., N]``.
+        group: the base layer's tensor-parallel group.
+        backend: ``"triton"``, ``"interpret"``, ``"torch"``, ``"auto"`` or None (env / auto).
+
+    Returns:
+        ``[S, ..., N/t]`` (``[S, ..., N]`` with gather_output), S = x.shape[0] · t under SP.
+
+    Example:
+        >>> x, w = torch.randn(4, 2, 32), torch.randn(16, 32)
+        >>> a, b = torch.randn(8, 32), torch.zeros(16, 8)
+        >>> column_parallel_lora(x, w, a, b, scale=2.0).shape
+        torch.Size([4, 2, 16])
+    """
+    thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+    K = weight.shape[1]
+    if x.shape[-1] != K:
+        raise ValueError(f"x's hidden size must be the layer's input size {K}, got x of shape {tuple(x.shape)}")
+    if lora_a.shape[1] != K or lora_b.shape[0] != weight.shape[0]:
+        raise ValueError(f"column-parallel LoRA expects lora_a [r, {K}] and lora_b [{weight.shape[0]}, r], "
+                         f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    world, rank = D.group_size(group), D.group_rank(group)
+    sp = bool(sequence_parallel) and world > 1
+    if sp and x.dim() < 2:
+        raise ValueError(f"sequence_parallel needs x with a sequence dimension, got shape {tuple(x.shape)}")
+    be = resolve_backend(x.device, backend)
+    seed_t = _seed_tensor(seed, x.device) if thr else None
+    plan = Plan(group, world, rank, float(scale), thr, sp, gather_output=bool(gather_output) and world > 1,
+                backend=be)
+    lead = list(x.shape[:-1])
+    if sp:
+        lead[0] *= world
+    y = _ColumnParallelLoRAFn.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, seed_t, plan)
+    return y.view(*lead, y.shape[-1])
+
+
+def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
+                      bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
+                      seed: int | torch.Tensor | None = None, sequence_parallel: bool = False,
+                      input_is_parallel: bool = True, group: dist.ProcessGroup | None = None,
+                      backend: str | None = None) -> torch.Tensor:
+    """LoRA on a row-parallel linear: ``y = Σ_i [x_i W_iᵀ + s·(drop(x_i) A_iᵀ) Bᵀ] (+ bias)``.
+
+    Adds no collective: one all-reduce (SP off) or reduce-scatter (SP on) of ``[z_i | u_i]``
+    yields both the output and u. Bias is added after the reduction.
+
+    Args:
+        x: ``[S, ..., K/t]`` (input_is_parallel) or ``[S, ..., K]`` (split here, no communication).
+        weight: ``[N, K/t]`` frozen base weight shard, x's dtype.
+        lora_a: ``[r, K/t]`` LoRA A shard (fp32 or x's dtype).
+        lora_b: ``[N, r]`` LoRA B, replicated (fp32 or x's dtype).
+        bias: optional ``[N]`` frozen bias, added once after the reduction.
+        scale: s = alpha/r (or alpha/sqrt(r)).
+        dropout_p: LoRA dropout probability in [0, 1) (pass 0 in eval mode).
+        seed: dropout seed; None draws one from the default generator on x's device.
+        sequence_parallel: reduce-scatter the output along dim 0 (S must divide by t).
+        input_is_parallel: x is already this rank's K/t slice.
+        group: the base layer's tensor-parallel group.
+        backend: ``"triton"``, ``"interpret"``, ``"torch"``, ``"auto"`` or None (env / auto).
+
+    Returns:
+        ``[S, ..., N]``; under SP ``[S/t, ..., N]``.
+
+    Example:
+        >>> x, w = torch.randn(4, 2, 32), torch.randn(16, 32)
+        >>> a, b = torch.randn(8, 32), torch.zeros(16, 8)
+        >>> row_parallel_lora(x, w, a, b, scale=2.0).shape
+        torch.Size([4, 2, 16])
+    """
+    thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+    world, rank = D.group_size(group), D.group_rank(group)
+    k = weight.shape[1]
+    K = k if input_is_parallel else k * world
+    if x.shape[-1] != K:
+        what = "this rank's input slice" if input_is_parallel else "the full input size"
+        raise ValueError(f"x's hidden size must be {what} {K}, got x of shape {tuple(x.shape)}")
+    if lora_a.shape[1] != k or lora_b.shape[0] != weight.shape[0]:
+        raise ValueError(f"row-parallel LoRA expects lora_a [r, {k}] and lora_b [{weight.shape[0]}, r], "
+                         f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    sp = bool(sequence_parallel) and world > 1
+    if sp and (x.dim() < 2 or x.shape[0] % world):
+        raise ValueError(f"sequence_parallel needs x's sequence dimension (dim 0) divisible by the TP size "
+                         f"{world}, got x of shape {tuple(x.shape)}")
+    be = resolve_backend(x.device, backend)
+    seed_t = _seed_tensor(seed, x.device) if thr else None
+    plan = Plan(group, world, rank, float(scale), thr, sp, input_is_parallel=bool(input_is_parallel) or world == 1,
+                backend=be)
+    lead = list(x.shape[:-1])
+    if sp:
+        lead[0] //= world
+    y = _RowParallelLoRAFn.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, seed_t, plan)
+    return y.view(*lead, y.shape[-1])

@@ -1,0 +1,264 @@
+"""Unfused references: the test oracle and the bench baseline, shipped so users can read the math.
+
+* ``lora_dense``: the single-device math on full matrices, in whatever dtype it is given
+  (the tests run it in fp64). Same mask function, so it is comparable element for element.
+* ``column_parallel_lora_reference`` / ``row_parallel_lora_reference``: PEFT's
+  ``LoraParallelLinear`` structure per rank, written in stock torch ops and Megatron-style
+  autograd collectives: the base layer with its collectives, then a separate LoRA branch with
+  materialised dropout, the input upcast to the LoRA weights' dtype (fp32 in PEFT), separate A and
+  B matmuls, and the LoRA branch's own collective (all-reduce of du for column, of u for row).
+  ``base_parallel_linear`` is the base layer alone (the bench's floor).
+
+The collectives here are deliberately Megatron's mappings (``copy_to``, ``reduce_from``,
+``gather/scatter``), not the fused buffers of ``autograd``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import distributed as D
+from .mask import dropout_threshold, keep_mask, keep_scale
+
+__all__ = [
+    "base_parallel_linear",
+    "column_parallel_lora_reference",
+    "lora_dense",
+    "row_parallel_lora_reference",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron-style mappings (autograd-aware collectives)
+# ---------------------------------------------------------------------------------------------
+class _CopyToRegion(torch.autograd.Function):
+    """Forward identity, backward all-reduce (Megatron's copy_to_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return D.all_reduce_(g.contiguous().clone(), ctx.group), None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    """Forward all-reduce, backward identity."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return D.all_reduce_(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward all-gather rows (dim 0), backward reduce-scatter rows (SP gather)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return D.all_gather_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return D.reduce_scatter_rows(g, ctx.group), None
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    """Forward reduce-scatter rows, backward all-gather rows (SP reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return D.reduce_scatter_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return D.all_gather_rows(g, ctx.group), None
+
+
+class _GatherCols(torch.autograd.Function):
+    """Forward all-gather the last dim, backward keep this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.width = group, x.shape[-1]
+        return D.all_gather_cols(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        r = D.group_rank(ctx.group)
+        return g[..., r * ctx.width:(r + 1) * ctx.width].contiguous(), None
+
+
+class _ScatterCols(torch.autograd.Function):
+    """Forward keep this rank's slice of the last dim, backward all-gather it."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        t, r = D.group_size(group), D.group_rank(group)
+        w = x.shape[-1] // t
+        return x[..., r * w:(r + 1) * w].contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        return D.all_gather_cols(g, ctx.group), None
+
+
+def _dropout(x: torch.Tensor, p: float, seed, row0: int, col0: int, kind: str) -> torch.Tensor:
+    """Materialised dropout of 2-D ``x``: the package's Philox mask, or nn.Dropout's bernoulli."""
+    if p == 0:
+        return x
+    if kind == "bernoulli":
+        return torch.nn.functional.dropout(x, p, training=True)
+    thr = dropout_threshold(p)
+    m = keep_mask(seed, row0, x.shape[0], col0, x.shape[1], thr, device=x.device)
+    return x * m.to(x.dtype) * keep_scale(thr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense single-device math
+# ---------------------------------------------------------------------------------------------
+def lora_dense(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
+               bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
+               seed: int | torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x Wᵀ + s·(x ⊙ M / (1-p)) Aᵀ Bᵀ + bias`` on full matrices, in x's dtype.
+
+    Rows are x's leading dimensions flattened in order, so row ids are the global token ids that
+    every TP layout maps back to; columns are the global feature ids.
+
+    Args:
+        x: ``[..., K]``.
+        weight: ``[N, K]``; lora_a: ``[r, K]``; lora_b: ``[N, r]``; bias: ``[N]`` or None.
+        scale: LoRA scale s.
+        dropout_p: dropout probability; the mask is ``mask.keep_mask(seed, ...)``.
+        seed: dropout seed (required when dropout_p > 0).
+
+    Returns:
+        ``[..., N]``, differentiable with plain autograd.
+
+    Example:
+        >>> x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+        >>> lora_dense(x, w, a, b, scale=0.5).shape
+        torch.Size([3, 4])
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    xd = _dropout(x2, dropout_p, seed, 0, 0, "philox") if dropout_p else x2
+    y = x2 @ weight.t() + scale * ((xd @ lora_a.to(x.dtype).t()) @ lora_b.to(x.dtype).t())
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's per-rank structure
+# ---------------------------------------------------------------------------------------------
+def base_parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: torch.Tensor | None = None,
+                         sequence_parallel: bool = False, gather_output: bool = False,
+                         input_is_parallel: bool = True, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The frozen base layer alone, with Megatron's collectives: the floor LoRA is measured against.
+
+    Args:
+        x: as for ``column_parallel_lora`` / ``row_parallel_lora``.
+        weight: the base shard (``[N/t, K]`` column, ``[N, K/t]`` row).
+        kind: ``"column"`` or ``"row"``.
+        bias, sequence_parallel, gather_output, input_is_parallel, group: as the base layer's.
+
+    Returns:
+        The base layer's output (bias added unless None).
+
+    Example:
+        >>> base_parallel_linear(torch.randn(3, 8), torch.randn(4, 8), kind="column").shape
+        torch.Size([3, 4])
+    """
+    world = D.group_size(group)
+    sp = sequence_parallel and world > 1
+    x2 = x.reshape(-1, x.shape[-1])
+    if kind == "column":
+        X = _GatherRows.apply(x2, group) if sp else _CopyToRegion.apply(x2, group)
+        y = torch.nn.functional.linear(X, weight, bias)
+        if gather_output and world > 1:
+            y = _GatherCols.apply(y, group)
+        lead = [x.shape[0] * (world if sp else 1), *x.shape[1:-1]]
+    else:
+        xi = x2 if input_is_parallel or world == 1 else _ScatterCols.apply(x2, group)
+        z = xi @ weight.t()
+        y = _ReduceScatterRows.apply(z, group) if sp else _ReduceFromRegion.apply(z, group)
+        if bias is not None:
+            y = y + bias
+        lead = [x.shape[0] // (world if sp else 1), *x.shape[1:-1]]
+    return y.view(*lead, y.shape[-1])
+
+
+def column_parallel_lora_reference(x, weight, lora_a, lora_b, *, bias=None, scale=1.0, dropout_p=0.0, seed=None,
+                                   sequence_parallel=False, gather_output=False, group=None,
+                                   dropout="philox") -> torch.Tensor:
+    """PEFT's column-parallel LoRA structure per rank; same arguments as ``column_parallel_lora``.
+
+    lora_A is a replicated linear on the local input; lora_B is a column-parallel linear, whose
+    input mapping adds LoRA's own collective (backward all-reduce of du, or under SP a forward
+    all-gather of u and a backward reduce-scatter).
+
+    Args:
+        dropout: ``"philox"`` (the package's mask, comparable with the fused path) or
+            ``"bernoulli"`` (nn.Dropout, what PEFT really runs).
+
+    Returns:
+        As ``column_parallel_lora``.
+
+    Example:
+        >>> x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+        >>> column_parallel_lora_reference(x, w, a, b).shape
+        torch.Size([3, 4])
+    """
+    world, rank = D.group_size(group), D.group_rank(group)
+    sp = sequence_parallel and world > 1
+    y = base_parallel_linear(x, weight, kind="column", bias=bias, sequence_parallel=sp, gather_output=gather_output,
+                             group=group)
+    x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
+    row0 = rank * x2.shape[0] if sp else 0
+    u = _dropout(x2, dropout_p, seed, row0, 0, dropout) @ lora_a.t()
+    U = _GatherRows.apply(u, group) if sp else _CopyToRegion.apply(u, group)
+    z = U @ lora_b.t()
+    if gather_output and world > 1:
+        z = _GatherCols.apply(z, group)
+    return (y + scale * z.view(y.shape)).to(x.dtype)
+
+
+def row_parallel_lora_reference(x, weight, lora_a, lora_b, *, bias=None, scale=1.0, dropout_p=0.0, seed=None,
+                                sequence_parallel=False, input_is_parallel=True, group=None,
+                                dropout="philox") -> torch.Tensor:
+    """PEFT's row-parallel LoRA structure per rank; same arguments as ``row_parallel_lora``.
+
+    lora_A is a row-parallel linear, whose output reduction (all-reduce of u, or reduce-scatter
+    under SP) is LoRA's own collective; lora_B is a replicated linear.
+
+    Args:
+        dropout: ``"philox"`` or ``"bernoulli"``, as for the column reference.
+
+    Returns:
+        As ``row_parallel_lora``.
+
+    Example:
+        >>> x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+        >>> row_parallel_lora_reference(x, w, a, b).shape
+        torch.Size([3, 4])
+    """
+    world, rank = D.group_size(group), D.group_rank(group)
+    sp = sequence_parallel and world > 1
+    y = base_parallel_linear(x, weight, kind="row", bias=bias, sequence_parallel=sp,
+                             input_is_parallel=input_is_parallel, group=group)
+    x2 = x.reshape(-1, x.shape[-1])
+    xi = x2 if input_is_parallel or world == 1 else _ScatterCols.apply(x2, group)
+    xi = xi.to(lora_a.dtype)
+    u = _dropout(xi, dropout_p, seed, 0, rank * weight.shape[1], dropout) @ lora_a.t()
+    U = _ReduceScatterRows.apply(u, group) if sp else _ReduceFromRegion.apply(u, group)
+    z = U @ lora_b.t()
+    return (y + scale * z.view(y.shape)).to(x.dtype)
