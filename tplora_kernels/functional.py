@@ -16,9 +16,10 @@ import torch.distributed as dist
 from . import distributed as D
 from ._backend import resolve_backend
 from .autograd import Plan, _ColumnParallelLoRAFn, _RowParallelLoRAFn
+from .mappings import base_parallel_linear
 from .mask import dropout_threshold
 
-__all__ = ["column_parallel_lora", "draw_seed", "row_parallel_lora"]
+__all__ = ["column_parallel_lora", "draw_seed", "parallel_linear", "row_parallel_lora"]
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -213,3 +214,40 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
         lead[0] //= world
     y = _RowParallelLoRAFn.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, seed_t, plan)
     return y.view(*lead, y.shape[-1])
+
+
+def parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: torch.Tensor | None = None,
+                    sequence_parallel: bool = False, gather_output: bool = False, input_is_parallel: bool = True,
+                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The frozen base layer alone (no adapter), with the base layer's own collectives.
+
+    What the modules run while adapters are disabled or merged. Validated like the LoRA calls.
+
+    Args:
+        x, weight, bias, sequence_parallel, group: as ``column_parallel_lora`` / ``row_parallel_lora``.
+        kind: ``"column"`` or ``"row"``.
+        gather_output: column only. input_is_parallel: row only.
+
+    Returns:
+        The base layer's output, shaped as the LoRA call's.
+
+    Example:
+        >>> parallel_linear(torch.randn(4, 2, 32), torch.randn(16, 32), kind="column").shape
+        torch.Size([4, 2, 16])
+    """
+    if kind not in ("column", "row"):
+        raise ValueError(f"kind must be 'column' or 'row', got {kind!r}")
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, dims=2)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x dtype {x.dtype} must match the base weight's dtype {weight.dtype}")
+    world = D.group_size(group)
+    k = weight.shape[1]
+    K = k if kind == "column" or input_is_parallel else k * world
+    if x.shape[-1] != K:
+        raise ValueError(f"x's hidden size must be {K}, got x of shape {tuple(x.shape)}")
+    if kind == "row" and sequence_parallel and world > 1 and (x.dim() < 2 or x.shape[0] % world):
+        raise ValueError(f"sequence_parallel needs x's dim 0 divisible by the TP size {world}, "
+                         f"got x of shape {tuple(x.shape)}")
+    return base_parallel_linear(x, weight, kind=kind, bias=bias, sequence_parallel=sequence_parallel,
+                                gather_output=gather_output, input_is_parallel=input_is_parallel, group=group)

@@ -16,9 +16,17 @@ The collectives here are deliberately Megatron's mappings (``copy_to``, ``reduce
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from . import distributed as D
+from .mappings import (
+    CopyToRegion,
+    GatherCols,
+    GatherRows,
+    ReduceFromRegion,
+    ReduceScatterRows,
+    ScatterCols,
+    base_parallel_linear,
+)
 from .mask import dropout_threshold, keep_mask, keep_scale
 
 __all__ = [
@@ -27,89 +35,6 @@ __all__ = [
     "lora_dense",
     "row_parallel_lora_reference",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Megatron-style mappings (autograd-aware collectives)
-# ---------------------------------------------------------------------------------------------
-class _CopyToRegion(torch.autograd.Function):
-    """Forward identity, backward all-reduce (Megatron's copy_to_tensor_model_parallel_region)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        return D.all_reduce_(g.contiguous().clone(), ctx.group), None
-
-
-class _ReduceFromRegion(torch.autograd.Function):
-    """Forward all-reduce, backward identity."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        return D.all_reduce_(x.contiguous().clone(), group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-class _GatherRows(torch.autograd.Function):
-    """Forward all-gather rows (dim 0), backward reduce-scatter rows (SP gather)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return D.all_gather_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return D.reduce_scatter_rows(g, ctx.group), None
-
-
-class _ReduceScatterRows(torch.autograd.Function):
-    """Forward reduce-scatter rows, backward all-gather rows (SP reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return D.reduce_scatter_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return D.all_gather_rows(g, ctx.group), None
-
-
-class _GatherCols(torch.autograd.Function):
-    """Forward all-gather the last dim, backward keep this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, ctx.width = group, x.shape[-1]
-        return D.all_gather_cols(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        r = D.group_rank(ctx.group)
-        return g[..., r * ctx.width:(r + 1) * ctx.width].contiguous(), None
-
-
-class _ScatterCols(torch.autograd.Function):
-    """Forward keep this rank's slice of the last dim, backward all-gather it."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        t, r = D.group_size(group), D.group_rank(group)
-        w = x.shape[-1] // t
-        return x[..., r * w:(r + 1) * w].contiguous()
-
-    @staticmethod
-    def backward(ctx, g):
-        return D.all_gather_cols(g, ctx.group), None
 
 
 def _dropout(x: torch.Tensor, p: float, seed, row0: int, col0: int, kind: str) -> torch.Tensor:
@@ -160,43 +85,6 @@ def lora_dense(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora
 # ---------------------------------------------------------------------------------------------
 # PEFT's per-rank structure
 # ---------------------------------------------------------------------------------------------
-def base_parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: torch.Tensor | None = None,
-                         sequence_parallel: bool = False, gather_output: bool = False,
-                         input_is_parallel: bool = True, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """The frozen base layer alone, with Megatron's collectives: the floor LoRA is measured against.
-
-    Args:
-        x: as for ``column_parallel_lora`` / ``row_parallel_lora``.
-        weight: the base shard (``[N/t, K]`` column, ``[N, K/t]`` row).
-        kind: ``"column"`` or ``"row"``.
-        bias, sequence_parallel, gather_output, input_is_parallel, group: as the base layer's.
-
-    Returns:
-        The base layer's output (bias added unless None).
-
-    Example:
-        >>> base_parallel_linear(torch.randn(3, 8), torch.randn(4, 8), kind="column").shape
-        torch.Size([3, 4])
-    """
-    world = D.group_size(group)
-    sp = sequence_parallel and world > 1
-    x2 = x.reshape(-1, x.shape[-1])
-    if kind == "column":
-        X = _GatherRows.apply(x2, group) if sp else _CopyToRegion.apply(x2, group)
-        y = torch.nn.functional.linear(X, weight, bias)
-        if gather_output and world > 1:
-            y = _GatherCols.apply(y, group)
-        lead = [x.shape[0] * (world if sp else 1), *x.shape[1:-1]]
-    else:
-        xi = x2 if input_is_parallel or world == 1 else _ScatterCols.apply(x2, group)
-        z = xi @ weight.t()
-        y = _ReduceScatterRows.apply(z, group) if sp else _ReduceFromRegion.apply(z, group)
-        if bias is not None:
-            y = y + bias
-        lead = [x.shape[0] // (world if sp else 1), *x.shape[1:-1]]
-    return y.view(*lead, y.shape[-1])
-
-
 def column_parallel_lora_reference(x, weight, lora_a, lora_b, *, bias=None, scale=1.0, dropout_p=0.0, seed=None,
                                    sequence_parallel=False, gather_output=False, group=None,
                                    dropout="philox") -> torch.Tensor:
@@ -225,10 +113,10 @@ def column_parallel_lora_reference(x, weight, lora_a, lora_b, *, bias=None, scal
     x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
     row0 = rank * x2.shape[0] if sp else 0
     u = _dropout(x2, dropout_p, seed, row0, 0, dropout) @ lora_a.t()
-    U = _GatherRows.apply(u, group) if sp else _CopyToRegion.apply(u, group)
+    U = GatherRows.apply(u, group) if sp else CopyToRegion.apply(u, group)
     z = U @ lora_b.t()
     if gather_output and world > 1:
-        z = _GatherCols.apply(z, group)
+        z = GatherCols.apply(z, group)
     return (y + scale * z.view(y.shape)).to(x.dtype)
 
 
@@ -256,9 +144,9 @@ def row_parallel_lora_reference(x, weight, lora_a, lora_b, *, bias=None, scale=1
     y = base_parallel_linear(x, weight, kind="row", bias=bias, sequence_parallel=sp,
                              input_is_parallel=input_is_parallel, group=group)
     x2 = x.reshape(-1, x.shape[-1])
-    xi = x2 if input_is_parallel or world == 1 else _ScatterCols.apply(x2, group)
+    xi = x2 if input_is_parallel or world == 1 else ScatterCols.apply(x2, group)
     xi = xi.to(lora_a.dtype)
     u = _dropout(xi, dropout_p, seed, 0, rank * weight.shape[1], dropout) @ lora_a.t()
-    U = _ReduceScatterRows.apply(u, group) if sp else _ReduceFromRegion.apply(u, group)
+    U = ReduceScatterRows.apply(u, group) if sp else ReduceFromRegion.apply(u, group)
     z = U @ lora_b.t()
     return (y + scale * z.view(y.shape)).to(x.dtype)

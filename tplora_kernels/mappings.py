@@ -1,0 +1,143 @@
+"""Megatron's tensor-parallel mappings as autograd Functions, and the frozen base layer alone.
+
+These are the stock collectives the base layer runs (``copy_to``/``reduce_from`` region,
+sequence-parallel gather/reduce-scatter, column gather/scatter), written on top of
+``distributed`` so they run on CPU/gloo too: megatron-core's own gather and SP paths call
+``torch.cuda.current_device()``. The unfused reference builds PEFT's structure from them, and
+the modules use ``base_parallel_linear`` when no adapter is active (disabled or merged).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import distributed as D
+
+__all__ = [
+    "CopyToRegion",
+    "GatherCols",
+    "GatherRows",
+    "ReduceFromRegion",
+    "ReduceScatterRows",
+    "ScatterCols",
+    "base_parallel_linear",
+]
+
+
+class CopyToRegion(torch.autograd.Function):
+    """Forward identity, backward all-reduce (Megatron's copy_to_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return D.all_reduce_(g.contiguous().clone(), ctx.group), None
+
+
+class ReduceFromRegion(torch.autograd.Function):
+    """Forward all-reduce, backward identity."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return D.all_reduce_(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class GatherRows(torch.autograd.Function):
+    """Forward all-gather rows (dim 0), backward reduce-scatter rows (SP gather)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return D.all_gather_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return D.reduce_scatter_rows(g, ctx.group), None
+
+
+class ReduceScatterRows(torch.autograd.Function):
+    """Forward reduce-scatter rows, backward all-gather rows (SP reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return D.reduce_scatter_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return D.all_gather_rows(g, ctx.group), None
+
+
+class GatherCols(torch.autograd.Function):
+    """Forward all-gather the last dim, backward keep this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.width = group, x.shape[-1]
+        return D.all_gather_cols(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        r = D.group_rank(ctx.group)
+        return g[..., r * ctx.width:(r + 1) * ctx.width].contiguous(), None
+
+
+class ScatterCols(torch.autograd.Function):
+    """Forward keep this rank's slice of the last dim, backward all-gather it."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        t, r = D.group_size(group), D.group_rank(group)
+        w = x.shape[-1] // t
+        return x[..., r * w:(r + 1) * w].contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        return D.all_gather_cols(g, ctx.group), None
+
+
+
+def base_parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: torch.Tensor | None = None,
+                         sequence_parallel: bool = False, gather_output: bool = False,
+                         input_is_parallel: bool = True, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The frozen base layer alone, with Megatron's collectives: the floor LoRA is measured against.
+
+    Args:
+        x: as for ``column_parallel_lora`` / ``row_parallel_lora``.
+        weight: the base shard (``[N/t, K]`` column, ``[N, K/t]`` row).
+        kind: ``"column"`` or ``"row"``.
+        bias, sequence_parallel, gather_output, input_is_parallel, group: as the base layer's.
+
+    Returns:
+        The base layer's output (bias added unless None).
+
+    Example:
+        >>> base_parallel_linear(torch.randn(3, 8), torch.randn(4, 8), kind="column").shape
+        torch.Size([3, 4])
+    """
+    world = D.group_size(group)
+    sp = sequence_parallel and world > 1
+    x2 = x.reshape(-1, x.shape[-1])
+    if kind == "column":
+        X = GatherRows.apply(x2, group) if sp else CopyToRegion.apply(x2, group)
+        y = torch.nn.functional.linear(X, weight, bias)
+        if gather_output and world > 1:
+            y = GatherCols.apply(y, group)
+        lead = [x.shape[0] * (world if sp else 1), *x.shape[1:-1]]
+    else:
+        xi = x2 if input_is_parallel or world == 1 else ScatterCols.apply(x2, group)
+        z = xi @ weight.t()
+        y = ReduceScatterRows.apply(z, group) if sp else ReduceFromRegion.apply(z, group)
+        if bias is not None:
+            y = y + bias
+        lead = [x.shape[0] // (world if sp else 1), *x.shape[1:-1]]
+    return y.view(*lead, y.shape[-1])
