@@ -21,11 +21,15 @@ Conventions that every kernel shares:
   collective reduces, so LoRA adds no collective and no copy.
 * **Dropout in registers.** ``_keep`` is the mask of ``tplora_kernels.mask``, bit for bit:
   Philox-4x32-10 on counter ``(col >> 3, row, row >> 32, col >> 35)``, 16-bit lane ``col & 7``,
-  keep iff ``lane >= THR``. The 1/(1-p) rescale is applied once to the fp32 accumulator, not to
-  each element, so the dropped operand is ``x`` or exactly 0.
+  keep iff ``lane >= THR``. Dropping multiplies by the 0/1 mask (not ``where``), so a NaN or Inf
+  in x propagates exactly as through ``nn.Dropout``; the 1/(1-p) rescale is applied once to the
+  fp32 accumulator, not to each element.
 * **fp32 accumulation**; outputs take their buffer's dtype. LoRA weight tiles are cast to the
-  activation dtype for ``tl.dot``. ``DOT_F32`` upcasts both operands (the interpreter cannot
-  multiply bf16: triton issue #11584).
+  activation dtype for ``tl.dot``.
+* ``INTERP_BF16`` is set only under Triton's interpreter with bf16 activations, whose emulation
+  has two faults: ``tl.dot`` multiplies bf16's raw uint16 bits (triton issue #11584), and the
+  fp32->bf16 cast truncates where the GPU rounds to nearest even. The flag upcasts dot operands
+  to fp32 and rounds stores by hand (``_cast_out``), so the interpreter computes what the GPU does.
 * **int64 offsets.** Row indices are int64 before they meet a stride, so T·K > 2^31 is safe.
 * **Reductions never depend on the launch config.** Autotune varies only the non-reduction
   tiles, warps and stages; every reduction's block (``BLOCK_K`` of the forward GEMM, ``BLOCK_N``
@@ -57,6 +61,16 @@ def _keep(seed, o_row, o_col, THR: tl.constexpr):
 
 
 @triton.jit
+def _cast_out(acc, p_out, INTERP_BF16: tl.constexpr):
+    """fp32 accumulator -> the output's dtype, rounding to nearest even (see INTERP_BF16)."""
+    if INTERP_BF16:
+        if p_out.dtype.element_ty == tl.bfloat16:
+            bits = acc.to(tl.uint32, bitcast=True)
+            acc = (bits + (((bits >> 16) & 1) + 0x7FFF)).to(tl.float32, bitcast=True)
+    return acc.to(p_out.dtype.element_ty)
+
+
+@triton.jit
 def _rows(o_m, RPC, s_c, s_m):
     """int64 element offsets of T-rows ``o_m`` in a row-chunked operand."""
     return (o_m // RPC) * s_c + (o_m % RPC) * s_m
@@ -81,7 +95,7 @@ def _lora_shrink_fwd_kernel(
     s_ar, s_ak,
     s_uc, s_um, s_ur,
     row0, col0, inv_keep,
-    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -98,17 +112,17 @@ def _lora_shrink_fwd_kernel(
         m_k = o_k < K
         b_x = tl.load(p_x + o_xm[:, None] + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            b_x = tl.where(_keep(seed, row0 + o_m, col0 + o_k, THR), b_x, tl.zeros_like(b_x))
+            b_x = b_x * _keep(seed, row0 + o_m, col0 + o_k, THR).to(b_x.dtype)
         b_at = tl.load(p_a + o_r[None, :] * s_ar + o_k[:, None] * s_ak, mask=m_k[:, None] & m_r[None, :],
                        other=0.0)
-        if DOT_F32:
+        if INTERP_BF16:
             acc = tl.dot(b_x.to(tl.float32), b_at.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(b_x, b_at.to(b_x.dtype), acc, input_precision=PRECISION)
     if HAS_DROPOUT:
         acc = acc * inv_keep
     o_um = _rows(o_m, RPC, s_uc, s_um)
-    tl.store(p_u + o_um[:, None] + o_r[None, :] * s_ur, acc.to(p_u.dtype.element_ty),
+    tl.store(p_u + o_um[:, None] + o_r[None, :] * s_ur, _cast_out(acc, p_u, INTERP_BF16),
              mask=m_m[:, None] & m_r[None, :])
 
 
@@ -122,7 +136,7 @@ def _lora_linear_fwd_kernel(
     s_bn, s_br,
     s_oc, s_om, s_on,
     scale,
-    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -141,7 +155,7 @@ def _lora_linear_fwd_kernel(
         b_x = tl.load(p_x + o_xm[:, None] + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
         b_wt = tl.load(p_w + o_n[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_k[:, None] & m_n[None, :],
                        other=0.0)
-        if DOT_F32:
+        if INTERP_BF16:
             acc = tl.dot(b_x.to(tl.float32), b_wt.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(b_x, b_wt, acc, input_precision=PRECISION)
@@ -151,7 +165,7 @@ def _lora_linear_fwd_kernel(
     b_u = tl.load(p_u + o_um[:, None] + o_r[None, :] * s_ur, mask=m_m[:, None] & m_r[None, :], other=0.0)
     b_bt = tl.load(p_b + o_n[None, :] * s_bn + o_r[:, None] * s_br, mask=m_r[:, None] & m_n[None, :],
                    other=0.0)
-    if DOT_F32:
+    if INTERP_BF16:
         lora = tl.dot(b_u.to(tl.float32), b_bt.to(tl.float32), input_precision=PRECISION)
     else:
         lora = tl.dot(b_u, b_bt.to(b_u.dtype), input_precision=PRECISION)
@@ -159,7 +173,7 @@ def _lora_linear_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     o_om = _rows(o_m, RPC, s_oc, s_om)
-    tl.store(p_out + o_om[:, None] + o_n[None, :] * s_on, acc.to(p_out.dtype.element_ty),
+    tl.store(p_out + o_om[:, None] + o_n[None, :] * s_on, _cast_out(acc, p_out, INTERP_BF16),
              mask=m_m[:, None] & m_n[None, :])
 
 
@@ -173,7 +187,7 @@ def _lora_dy_bwd_kernel(
     s_duc, s_dum, s_dur,
     s_pt, s_pn, s_pr,
     scale,
-    COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # One program per BLOCK_M rows of dy; it streams dy once along N. du's reduction over N stays
@@ -205,13 +219,13 @@ def _lora_dy_bwd_kernel(
         if COMPUTE_DU:
             b_b = tl.load(p_b + o_n[:, None] * s_bn + o_r[None, :] * s_br, mask=m_n[:, None] & m_r[None, :],
                           other=0.0)
-            if DOT_F32:
+            if INTERP_BF16:
                 acc_du = tl.dot(b_dy.to(tl.float32), b_b.to(tl.float32), acc_du, input_precision=PRECISION)
             else:
                 acc_du = tl.dot(b_dy, b_b.to(b_dy.dtype), acc_du, input_precision=PRECISION)
         if COMPUTE_DB:
             if do_db:
-                if DOT_F32:
+                if INTERP_BF16:
                     db = tl.dot(tl.trans(b_dy.to(tl.float32)), b_u.to(tl.float32), input_precision=PRECISION)
                 else:
                     db = tl.dot(tl.trans(b_dy), b_u.to(b_dy.dtype), input_precision=PRECISION)
@@ -219,7 +233,7 @@ def _lora_dy_bwd_kernel(
                          mask=m_n[:, None] & m_r[None, :])
     if COMPUTE_DU:
         o_dum = _rows(o_m, RPC, s_duc, s_dum)
-        tl.store(p_du + o_dum[:, None] + o_r[None, :] * s_dur, (acc_du * scale).to(p_du.dtype.element_ty),
+        tl.store(p_du + o_dum[:, None] + o_r[None, :] * s_dur, _cast_out(acc_du * scale, p_du, INTERP_BF16),
                  mask=m_m[:, None] & m_r[None, :])
 
 
@@ -233,7 +247,7 @@ def _lora_linear_dx_kernel(
     s_ar, s_ak,
     s_dxc, s_dxm, s_dxk,
     row0, col0, inv_keep,
-    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -253,24 +267,24 @@ def _lora_linear_dx_kernel(
                        other=0.0)
         b_w = tl.load(p_w + o_n[:, None] * s_wn + o_k[None, :] * s_wk, mask=m_n[:, None] & m_k[None, :],
                       other=0.0)
-        if DOT_F32:
+        if INTERP_BF16:
             acc = tl.dot(b_dy.to(tl.float32), b_w.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(b_dy, b_w, acc, input_precision=PRECISION)
     o_dum = _rows(o_m, RPC, s_duc, s_dum)
     b_du = tl.load(p_du + o_dum[:, None] + o_r[None, :] * s_dur, mask=m_m[:, None] & m_r[None, :], other=0.0)
     b_a = tl.load(p_a + o_r[:, None] * s_ar + o_k[None, :] * s_ak, mask=m_r[:, None] & m_k[None, :], other=0.0)
-    if DOT_F32:
+    if INTERP_BF16:
         lora = tl.dot(b_du.to(tl.float32), b_a.to(tl.float32), input_precision=PRECISION)
     else:
         lora = tl.dot(b_du, b_a.to(b_du.dtype), input_precision=PRECISION)
     if HAS_DROPOUT:
         # The mask is regenerated here, in the epilogue, from the same (seed, row, col).
         seed = tl.load(p_seed)
-        lora = tl.where(_keep(seed, row0 + o_m, col0 + o_k, THR), lora * inv_keep, 0.0)
+        lora = lora * (_keep(seed, row0 + o_m, col0 + o_k, THR).to(tl.float32) * inv_keep)
     acc += lora
     o_dxm = _rows(o_m, RPC, s_dxc, s_dxm)
-    tl.store(p_dx + o_dxm[:, None] + o_k[None, :] * s_dxk, acc.to(p_dx.dtype.element_ty),
+    tl.store(p_dx + o_dxm[:, None] + o_k[None, :] * s_dxk, _cast_out(acc, p_dx, INTERP_BF16),
              mask=m_m[:, None] & m_k[None, :])
 
 
@@ -282,7 +296,7 @@ def _lora_shrink_bwd_kernel(
     s_xc, s_xm, s_xk,
     s_pt, s_pr, s_pk,
     row0, col0, inv_keep,
-    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # Grid (K blocks, T splits). Each program reduces its split's rows in registers and writes
@@ -306,8 +320,8 @@ def _lora_shrink_bwd_kernel(
         o_xm = _rows(o_m, RPC, s_xc, s_xm)
         b_x = tl.load(p_x + o_xm[:, None] + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            b_x = tl.where(_keep(seed, row0 + o_m, col0 + o_k, THR), b_x, tl.zeros_like(b_x))
-        if DOT_F32:
+            b_x = b_x * _keep(seed, row0 + o_m, col0 + o_k, THR).to(b_x.dtype)
+        if INTERP_BF16:
             acc = tl.dot(b_dut.to(tl.float32), b_x.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(b_dut.to(b_x.dtype), b_x, acc, input_precision=PRECISION)

@@ -87,8 +87,8 @@ def _precision(dtype: torch.dtype, backend: str) -> str:
     return "ieee"
 
 
-def _dot_f32(dtype: torch.dtype, backend: str) -> bool:
-    # Triton's interpreter multiplies bf16's raw uint16 bits (triton #11584): upcast there only.
+def _interp_bf16(dtype: torch.dtype, backend: str) -> bool:
+    # Triton's interpreter mis-emulates bf16 dots and casts (kernels docstring): fix it there only.
     return backend == "interpret" and dtype == torch.bfloat16
 
 
@@ -202,7 +202,7 @@ def lora_shrink_fwd(x: torch.Tensor, lora_a: torch.Tensor, *, seed: torch.Tensor
     fn, meta = _kernel("shrink_fwd", _k._lora_shrink_fwd_kernel, backend, _SHRINK_CONFIGS)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]),)  # noqa: E731
     fn[grid](x, lora_a, out, seed_t, T, K, R, rpc, *_rs(x, rpc), *lora_a.stride(), *_rs(out, rpc),
-             row0, col0, inv_keep, THR=thr, HAS_DROPOUT=thr > 0, DOT_F32=_dot_f32(x.dtype, backend),
+             row0, col0, inv_keep, THR=thr, HAS_DROPOUT=thr > 0, INTERP_BF16=_interp_bf16(x.dtype, backend),
              PRECISION=_precision(x.dtype, backend), BLOCK_K=_RED[x.dtype], BLOCK_R=_block_r(R), **meta)
     return out
 
@@ -256,8 +256,8 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, lora
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
     fn[grid](x, weight, u, lora_b, bias if bias is not None else weight, out, T, N, K, R, rpc,
              *_rs(x, rpc), *weight.stride(), *_rs(u, rpc), *lora_b.stride(), *_rs(out, rpc), float(scale),
-             HAS_BIAS=bias is not None, DOT_F32=_dot_f32(x.dtype, backend), PRECISION=_precision(x.dtype, backend),
-             BLOCK_K=_RED[x.dtype], BLOCK_R=_block_r(R), GROUP_M=8, **meta)
+             HAS_BIAS=bias is not None, INTERP_BF16=_interp_bf16(x.dtype, backend),
+             PRECISION=_precision(x.dtype, backend), BLOCK_K=_RED[x.dtype], BLOCK_R=_block_r(R), GROUP_M=8, **meta)
     return out
 
 
@@ -321,7 +321,7 @@ def lora_dy_bwd(dy: torch.Tensor, lora_b: torch.Tensor, u: torch.Tensor | None, 
     fn[(triton.cdiv(T, _ROW_RED),)](
         dy, lora_b, u_k, du_k, part, T, N, R, rpc, u_row0, u.shape[0] if compute_db else 0,
         *_rs(dy, rpc), *lora_b.stride(), 0, *u_k.stride(), *_rs(du_k, rpc), *part.stride(), float(scale),
-        COMPUTE_DU=du is not None, COMPUTE_DB=compute_db, DOT_F32=_dot_f32(dy.dtype, backend),
+        COMPUTE_DU=du is not None, COMPUTE_DB=compute_db, INTERP_BF16=_interp_bf16(dy.dtype, backend),
         PRECISION=_precision(dy.dtype, backend), BLOCK_M=_ROW_RED, BLOCK_N=_RED[dy.dtype],
         BLOCK_R=_block_r(R), **meta)
     db = None
@@ -377,7 +377,7 @@ def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lor
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),)  # noqa: E731
     fn[grid](dy, weight, du, lora_a, out, seed_t, T, N, K, R, rpc, *_rs(dy, rpc), *weight.stride(),
              *_rs(du, rpc), *lora_a.stride(), *_rs(out, rpc), row0, col0, inv_keep, THR=thr,
-             HAS_DROPOUT=thr > 0, DOT_F32=_dot_f32(dy.dtype, backend), PRECISION=_precision(dy.dtype, backend),
+             HAS_DROPOUT=thr > 0, INTERP_BF16=_interp_bf16(dy.dtype, backend), PRECISION=_precision(dy.dtype, backend),
              BLOCK_N=_RED[dy.dtype], BLOCK_R=_block_r(R), GROUP_M=8, **meta)
     return out
 
@@ -417,6 +417,6 @@ def lora_shrink_bwd(du: torch.Tensor, x: torch.Tensor, *, seed: torch.Tensor | N
     fn, meta = _kernel("shrink_bwd", _k._lora_shrink_bwd_kernel, backend, _SHRINK_BWD_CONFIGS)
     grid = lambda m: (triton.cdiv(K, m["BLOCK_K"]), splits)  # noqa: E731
     fn[grid](du, x, part, seed_t, T, K, R, rpc, _ROWS_PER_SPLIT, *_rs(du, rpc), *_rs(x, rpc), *part.stride(),
-             row0, col0, inv_keep, THR=thr, HAS_DROPOUT=thr > 0, DOT_F32=_dot_f32(x.dtype, backend),
+             row0, col0, inv_keep, THR=thr, HAS_DROPOUT=thr > 0, INTERP_BF16=_interp_bf16(x.dtype, backend),
              PRECISION=_precision(x.dtype, backend), BLOCK_M=_ROW_RED, BLOCK_R=_block_r(R), **meta)
     return part[0] if splits == 1 else part.sum(0)

@@ -26,7 +26,8 @@ def _masked(x: torch.Tensor, seed: torch.Tensor | None, thr: int, row0: int, col
     if thr == 0:
         return x
     keep = keep_mask(seed, row0, x.shape[0], col0, x.shape[1], thr, device=x.device)
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    # A multiply, not where(): NaN/Inf in dropped elements propagate as through nn.Dropout.
+    return x * keep.to(x.dtype)
 
 
 def shrink_fwd(x, a, u, seed, thr, inv_keep, row0, col0, rpc):
