@@ -12,10 +12,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import pytest
+from hypothesis import HealthCheck, settings
 
-from .harness import DistPool  # noqa: E402
+from .harness import DistPool
 
 # Examples cost a multi-rank forward+backward under the interpreter: no deadline, no
 # too-slow health check. `derandomize` makes CI runs reproducible; locally set

@@ -65,11 +65,11 @@ def _worker(rank: int, world: int, port: int, conn) -> None:
         fn, tp, kwargs = msg
         try:
             out = ("ok", fn(RankCtx(rank, tp, groups[tp]), **kwargs))
-        except BaseException as e:  # noqa: BLE001 - every failure must travel back to the test
+        except BaseException as e:
             out = ("err", RemoteError(rank, type(e).__name__, str(e), traceback.format_exc()))
         try:
             conn.send(out)
-        except Exception as e:  # noqa: BLE001 - an unpicklable result is itself a failure to report
+        except Exception as e:
             conn.send(("err", RemoteError(rank, type(e).__name__, f"could not send result: {e}", "")))
     dist.destroy_process_group()
 
@@ -110,7 +110,7 @@ class DistPool:
         for c in self._conns:
             try:
                 c.send(None)
-            except Exception:  # noqa: BLE001, S110 - a dead rank is what close() cleans up
+            except Exception:
                 pass
         for p in self._procs:
             p.join(timeout=5)
@@ -146,7 +146,7 @@ class DistPool:
                 self.restart()
                 raise TimeoutError(f"rank {r} of tp={tp} gave no answer within {timeout}s (hang?) in "
                                    f"{fn.__name__}({kwargs})")
-            status, value = self._conns[r].recv()
+            _status, value = self._conns[r].recv()
             results.append(value)
         errors = [v for v in results if isinstance(v, RemoteError)]
         if errors and raise_errors:

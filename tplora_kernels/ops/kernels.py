@@ -30,6 +30,8 @@ Conventions that every kernel shares:
   has two faults: ``tl.dot`` multiplies bf16's raw uint16 bits (triton issue #11584), and the
   fp32->bf16 cast truncates where the GPU rounds to nearest even. The flag upcasts dot operands
   to fp32 and rounds stores by hand (``_cast_out``), so the interpreter computes what the GPU does.
+* **No recompiles per batch.** Token counts and per-rank offsets are ``do_not_specialize``, so a
+  new T, a new rank or a new sequence-parallel slice reuses the compiled kernel.
 * **int64 offsets.** Row indices are int64 before they meet a stride, so T·K > 2^31 is safe.
 * **Reductions never depend on the launch config.** Autotune varies only the non-reduction
   tiles, warps and stages; every reduction's block (``BLOCK_K`` of the forward GEMM, ``BLOCK_N``
@@ -87,7 +89,7 @@ def _grouped(pid, n_m, n_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "RPC", "row0", "col0"])
 def _lora_shrink_fwd_kernel(
     p_x, p_a, p_u, p_seed,
     T, K, R, RPC,
@@ -126,7 +128,7 @@ def _lora_shrink_fwd_kernel(
              mask=m_m[:, None] & m_r[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "RPC"])
 def _lora_linear_fwd_kernel(
     p_x, p_w, p_u, p_b, p_bias, p_out,
     T, N, K, R, RPC,
@@ -177,7 +179,7 @@ def _lora_linear_fwd_kernel(
              mask=m_m[:, None] & m_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "RPC", "U_ROW0", "U_ROWS"])
 def _lora_dy_bwd_kernel(
     p_dy, p_b, p_u, p_du, p_dbp,
     T, N, R, RPC, U_ROW0, U_ROWS,
@@ -237,7 +239,7 @@ def _lora_dy_bwd_kernel(
                  mask=m_m[:, None] & m_r[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "RPC", "row0", "col0"])
 def _lora_linear_dx_kernel(
     p_dy, p_w, p_du, p_a, p_dx, p_seed,
     T, N, K, R, RPC,
@@ -288,7 +290,7 @@ def _lora_linear_dx_kernel(
              mask=m_m[:, None] & m_k[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "RPC", "row0", "col0"])
 def _lora_shrink_bwd_kernel(
     p_du, p_x, p_dap, p_seed,
     T, K, R, RPC, ROWS_PER_SPLIT,
