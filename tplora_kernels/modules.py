@@ -17,7 +17,20 @@ row         ``[r, K/t]`` cols of A     ``[N, r]`` replicated
 Sharded factors carry Megatron's ``tensor_model_parallel``/``partition_dim``/
 ``partition_stride``; under sequence parallelism the replicated factor carries
 ``sequence_parallel = True`` so that ``finalize_model_grads`` (or
-``distributed.sum_sequence_parallel_grads``) sums its per-rank partial gradient.
+``distributed.sum_sequence_parallel_grads``) sums its per-rank partial gradient. Those
+attributes survive a re-assignment of the factor (``LoRAFactor.weight = new``), which PEFT does
+when it up-casts adapters to fp32.
+
+Adapters follow PEFT's LoraLayer vocabulary (``add_adapter``/``update_layer``, ``set_adapter``,
+``delete_adapter``, ``enable_adapters``, ``merge``/``unmerge``/``get_delta_weight``), so that
+``tplora_kernels.peft`` only has to add PEFT's base class. The fused kernels apply one adapter
+per call, so at most one adapter is active.
+
+``sharded_state_dict`` follows megatron-core's dist_checkpointing convention. The base layer's
+keys stay those of the unwrapped Megatron layer (``{prefix}weight``, ``{prefix}bias``), so a
+checkpoint of the base model loads into the adapted one unchanged; the factors add
+``{prefix}lora_A.<adapter>.weight`` and ``{prefix}lora_B.<adapter>.weight``, sharded like the
+layer's weight on the side that is sharded and marked as TP replicas on the other.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -35,6 +49,10 @@ from .functional import column_parallel_lora, parallel_linear, row_parallel_lora
 
 __all__ = ["ColumnParallelLoRA", "LoRAFactor", "RowParallelLoRA", "init_full_factors"]
 
+# Attributes Megatron reads from a parameter (TP layout, SP gradient sum, DDP grouping).
+_MEGATRON_PARAM_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel",
+                         "allreduce")
+
 _INITS = (True, False, "gaussian")
 # Megatron options whose communication pattern these modules do not reproduce.
 _UNSUPPORTED_BASE_FLAGS = ("is_expert", "explicit_expert_comm", "disable_grad_reduce")
@@ -43,14 +61,37 @@ _UNSUPPORTED_BASE_FLAGS = ("is_expert", "explicit_expert_comm", "disable_grad_re
 class LoRAFactor(nn.Module):
     """Holder of one LoRA factor, so state-dict keys read ``lora_A.<adapter>.weight`` as in PEFT.
 
+    Re-assigning ``weight`` (PEFT's fp32 up-cast does) carries Megatron's parameter attributes
+    (``tensor_model_parallel``, ``partition_dim``, ``partition_stride``, ``sequence_parallel``,
+    ``allreduce``) over to the new Parameter.
+
     Args:
-        weight: the (local shard of the) factor.
+        weight: the (local shard of the) factor, ``[r, K]``/``[r, K/t]`` for A, ``[N, r]``/``[N/t, r]`` for B.
+
+    Example:
+        >>> f = LoRAFactor(torch.zeros(2, 4))
+        >>> f.weight.tensor_model_parallel = True
+        >>> f.weight = torch.nn.Parameter(torch.zeros(2, 4, dtype=torch.float64))
+        >>> f.weight.tensor_model_parallel
+        True
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         # Keep the Parameter object itself: it carries Megatron's TP/SP attributes.
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+
+    def __setattr__(self, name: str, value) -> None:
+        # A re-assigned factor (PEFT's fp32 up-cast builds a new Parameter) keeps Megatron's
+        # TP/SP attributes: losing them would silently break grad reduction and checkpoints.
+        old = self.__dict__.get("_parameters", {}).get("weight") if name == "weight" else None
+        if old is not None and isinstance(value, torch.Tensor) and value is not old:
+            if not isinstance(value, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=old.requires_grad)
+            for attr in _MEGATRON_PARAM_ATTRS:
+                if hasattr(old, attr) and not hasattr(value, attr):
+                    setattr(value, attr, getattr(old, attr))
+        super().__setattr__(name, value)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}"
@@ -95,6 +136,8 @@ class _ParallelLoRA(nn.Module):
 
     kind: str = ""
     _base_types: tuple[str, ...] = ()
+    # Which dimension of each factor is sharded over TP (None: replicated).
+    lora_shard_dims: ClassVar[dict[str, int | None]] = {}
 
     def __init__(self, base_layer: nn.Module, *, r: int, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool | str = True, adapter_name: str = "default",
@@ -119,13 +162,14 @@ class _ParallelLoRA(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
-        self.active_adapter: str | None = None
+        self.use_rslora: dict[str, bool] = {}
+        self._active_adapter: str | None = None
         self.merged_adapters: list[str] = []
-        self._disabled = False
+        self._disable_adapters = False
         self.last_backend: str | None = None
-        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          init_lora_weights=init_lora_weights, use_rslora=use_rslora)
-        self.active_adapter = adapter_name
+        self._create_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             init_lora_weights=init_lora_weights, use_rslora=use_rslora)
+        self.set_adapter(adapter_name)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -147,18 +191,10 @@ class _ParallelLoRA(nn.Module):
     def _mark(self, a: nn.Parameter, b: nn.Parameter) -> None:
         raise NotImplementedError
 
-    def update_layer(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
-                     init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
-        """Create (or replace) adapter ``adapter_name``.
-
-        Args:
-            adapter_name: key in ``lora_A`` / ``lora_B``.
-            r: rank (>= 1).
-            lora_alpha: alpha (finite).
-            lora_dropout: dropout probability in [0, 1).
-            init_lora_weights: True, False or ``"gaussian"`` (see ``init_full_factors``).
-            use_rslora: scale by alpha/sqrt(r) instead of alpha/r.
-        """
+    def _create_adapter(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
+                        init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
+        # The one place that builds an adapter. ``update_layer`` and ``add_adapter`` are its
+        # public faces; the PEFT subclass overrides ``update_layer`` with PEFT's signature.
         if not isinstance(adapter_name, str) or not adapter_name:
             raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
@@ -170,6 +206,8 @@ class _ParallelLoRA(nn.Module):
             raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
         if init_lora_weights not in _INITS or not isinstance(init_lora_weights, (bool, str)):
             raise ValueError(f"init_lora_weights must be one of {_INITS}, got {init_lora_weights!r}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before replacing it")
         weight = self.base_layer.weight
         full_a, full_b = init_full_factors(r, self.in_features, self.out_features, init_lora_weights)
         a, b = self._shard(full_a, full_b)
@@ -177,12 +215,79 @@ class _ParallelLoRA(nn.Module):
         pa = nn.Parameter(a.to(device=weight.device, dtype=dtype).contiguous())
         pb = nn.Parameter(b.to(device=weight.device, dtype=dtype).contiguous())
         self._mark(pa, pb)
+        trainable = self._active_adapter in (None, adapter_name) and not self._disable_adapters
+        pa.requires_grad_(trainable)
+        pb.requires_grad_(trainable)
         self.lora_A[adapter_name] = LoRAFactor(pa)
         self.lora_B[adapter_name] = LoRAFactor(pb)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = float(lora_alpha)
         self.scaling[adapter_name] = float(lora_alpha) / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.use_rslora[adapter_name] = bool(use_rslora)
+
+    def update_layer(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
+        """Create (or replace) adapter ``adapter_name``; the active adapter does not change.
+
+        The full factors are drawn from torch's default CPU generator and sliced, so the result
+        does not depend on the TP size. A new adapter that is not the active one is frozen.
+
+        Args:
+            adapter_name: key in ``lora_A`` / ``lora_B``.
+            r: rank (>= 1).
+            lora_alpha: alpha (finite).
+            lora_dropout: dropout probability in [0, 1).
+            init_lora_weights: True, False or ``"gaussian"`` (see ``init_full_factors``).
+            use_rslora: scale by alpha/sqrt(r) instead of alpha/r.
+
+        Example:
+            >>> # layer.update_layer("default", 16, lora_alpha=32)   # re-initialise "default" at r=16
+        """
+        self._create_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             init_lora_weights=init_lora_weights, use_rslora=use_rslora)
+
+    def add_adapter(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
+                    init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
+        """Add a new named adapter beside the existing ones (it stays inactive and frozen).
+
+        Args: as ``update_layer``.
+
+        Raises:
+            ValueError: ``adapter_name`` already exists (use ``update_layer`` to replace it).
+
+        Example:
+            >>> # layer.add_adapter("math", 8, lora_alpha=16); layer.set_adapter("math")
+        """
+        if adapter_name in self.lora_A:
+            raise ValueError(f"adapter_name {adapter_name!r} already exists on this layer "
+                             f"({sorted(self.lora_A)}); use update_layer() to replace it")
+        self._create_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             init_lora_weights=init_lora_weights, use_rslora=use_rslora)
+
+    def load_full_factors(self, adapter_name: str, full_a: torch.Tensor, full_b: torch.Tensor) -> None:
+        """Copy this rank's slices of the **full** A ``[r, K]`` and B ``[N, r]`` into ``adapter_name``.
+
+        No communication: every rank passes the same full tensors and keeps its own slice.
+
+        Args:
+            adapter_name: an existing adapter whose rank equals ``full_a.shape[0]``.
+            full_a: ``[r, K]``. full_b: ``[N, r]`` (any float dtype/device; copied and cast).
+
+        Example:
+            >>> # a, b = init_full_factors(8, layer.in_features, layer.out_features, False)
+            >>> # layer.load_full_factors("default", a, b)
+        """
+        self._check_adapter(adapter_name)
+        r = self.r[adapter_name]
+        want_a, want_b = (r, self.in_features), (self.out_features, r)
+        if tuple(full_a.shape) != want_a or tuple(full_b.shape) != want_b:
+            raise ValueError(f"full_a/full_b must be [r, K]={list(want_a)} and [N, r]={list(want_b)} for adapter "
+                             f"{adapter_name!r}, got {list(full_a.shape)} and {list(full_b.shape)}")
+        a, b = self._shard(full_a, full_b)
+        with torch.no_grad():
+            self.lora_A[adapter_name].weight.copy_(a)
+            self.lora_B[adapter_name].weight.copy_(b)
 
     # -- adapters ----------------------------------------------------------------------------
     def _check_adapter(self, name: str) -> None:
@@ -190,45 +295,88 @@ class _ParallelLoRA(nn.Module):
             raise ValueError(f"unknown adapter {name!r}; this layer has {sorted(self.lora_A)}")
 
     @property
+    def active_adapter(self) -> str | None:
+        """The active adapter's name (None once every adapter is deleted)."""
+        return self._active_adapter
+
+    @property
     def active_adapters(self) -> list[str]:
         """The active adapter names (at most one: the fused kernels apply one adapter per call)."""
-        return [] if self.active_adapter is None else [self.active_adapter]
+        return [] if self._active_adapter is None else [self._active_adapter]
 
-    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
-        """Make ``adapter_names`` (one name, or a one-element list) the active adapter."""
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_names`` (one name, or a one-element list) the active adapter.
+
+        Its factors become trainable (unless ``inference_mode``); every other adapter is frozen.
+        A merged adapter is unmerged first, as PEFT's model-level ``set_adapter`` does.
+
+        Args:
+            adapter_names: the adapter to activate.
+            inference_mode: keep the activated adapter frozen.
+
+        Example:
+            >>> # layer.set_adapter("math")
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if len(names) != 1:
-            raise ValueError(f"exactly one adapter can be active at a time, got {names}")
+            raise ValueError(f"adapter_names must name exactly one adapter (the fused kernels apply one at a "
+                             f"time), got {names}")
         self._check_adapter(names[0])
-        self.active_adapter = names[0]
+        if self.merged and names[0] != self._active_adapter:
+            warnings.warn(f"set_adapter({names[0]!r}) on a merged layer: unmerging {self.merged_adapters} first",
+                          stacklevel=2)
+            self.unmerge()
+        self._active_adapter = names[0]
         for n in self.lora_A:
-            flag = n == names[0]
+            flag = n == names[0] and not inference_mode
             self.lora_A[n].weight.requires_grad_(flag)
             self.lora_B[n].weight.requires_grad_(flag)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove ``adapter_name`` (unmerging it first if merged)."""
+        """Remove ``adapter_name`` (unmerging first if merged).
+
+        Deleting the active adapter activates the first remaining one in sorted order, the same
+        on every layer (PEFT's rule), or none if it was the last.
+        """
         self._check_adapter(adapter_name)
         if adapter_name in self.merged_adapters:
             self.unmerge()
         for d in (self.lora_A, self.lora_B):
             del d[adapter_name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
+        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora):
             d.pop(adapter_name)
-        if self.active_adapter == adapter_name:
-            self.active_adapter = next(iter(self.lora_A), None)
+        if self._active_adapter == adapter_name:
+            self._active_adapter = None
+            if self.lora_A:
+                self.set_adapter(sorted(self.lora_A)[0])
 
     @property
     def disable_adapters(self) -> bool:
         """True while adapters are disabled (forward runs the base layer alone)."""
-        return self._disabled
+        return self._disable_adapters
 
     def enable_adapters(self, enabled: bool) -> None:
-        """Enable (True) or disable (False) the adapters without touching their weights."""
-        self._disabled = not enabled
+        """Enable (True) or disable (False) the adapters without touching their values.
+
+        As in PEFT, disabling freezes every factor and enabling makes the active one trainable
+        again.
+
+        Example:
+            >>> # layer.enable_adapters(False); y_base, _ = layer(x); layer.enable_adapters(True)
+        """
+        if enabled:
+            self._disable_adapters = False
+            if self._active_adapter is not None:
+                self.set_adapter(self._active_adapter)
+        else:
+            for d in (self.lora_A, self.lora_B):
+                for f in d.values():
+                    f.weight.requires_grad_(False)
+            self._disable_adapters = True
 
     @property
     def merged(self) -> bool:
+        """True while at least one adapter is merged into the base weight."""
         return bool(self.merged_adapters)
 
     # -- merge -------------------------------------------------------------------------------
@@ -237,26 +385,45 @@ class _ParallelLoRA(nn.Module):
 
         Returns:
             column ``[N/t, K]`` (``s·B_i A``), row ``[N, K/t]`` (``s·B A_i``).
+
+        Example:
+            >>> # layer.base_layer.weight + layer.get_delta_weight("default")  # the merged shard
         """
         self._check_adapter(adapter)
         a = self.lora_A[adapter].weight.detach().float()
         b = self.lora_B[adapter].weight.detach().float()
         return (b @ a).mul_(self.scaling[adapter]).to(self.base_layer.weight.dtype)
 
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Add the active (or named) adapter's delta into the base weight shard, with no collective."""
-        names = adapter_names or self.active_adapters
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active (or named) adapters' deltas into the base weight shard. TP-local.
+
+        Args:
+            safe_merge: check the merged weight for inf/NaN before writing it (raises ValueError).
+            adapter_names: adapters to merge (default: the active one).
+
+        Example:
+            >>> # layer.merge(); y, _ = layer(x)   # base-only kernel, same output
+        """
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
         for name in names:
             self._check_adapter(name)
             if name in self.merged_adapters:
                 warnings.warn(f"adapter {name!r} is already merged; merging it again is skipped", stacklevel=2)
                 continue
+            delta = self.get_delta_weight(name)
             with torch.no_grad():
-                self.base_layer.weight.add_(self.get_delta_weight(name))
+                if safe_merge:
+                    merged = self.base_layer.weight + delta
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(f"safe_merge: merging adapter {name!r} gives a non-finite weight on TP "
+                                         f"rank {self.tp_rank}; the adapter is broken")
+                    self.base_layer.weight.copy_(merged)
+                else:
+                    self.base_layer.weight.add_(delta)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter's delta again (exact up to rounding in the weight dtype)."""
+        """Subtract every merged adapter's delta again (exact up to rounding in the weight dtype). TP-local."""
         if not self.merged_adapters:
             warnings.warn("unmerge() called but no adapter is merged; nothing to do", stacklevel=2)
             return
@@ -264,11 +431,66 @@ class _ParallelLoRA(nn.Module):
             while self.merged_adapters:
                 self.base_layer.weight.sub_(self.get_delta_weight(self.merged_adapters.pop()))
 
+    # -- checkpointing -----------------------------------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None,
+                           *, include_base: bool = True) -> dict:
+        """megatron-core dist_checkpointing view of this layer: the base layer's, plus every factor.
+
+        Dict keys are this module's ``state_dict`` keys, so ``load_state_dict`` takes what
+        ``dist_checkpointing.load`` returns. The base layer's ShardedTensors keep the unwrapped
+        layer's checkpoint keys (``{prefix}weight``), so a checkpoint of the base model loads into
+        the adapted one. A sharded factor is split over TP along its ``partition_dim`` (as the
+        layer's weight); a replicated one is a TP replica (``replica_id = (0, tp_rank, dp_rank)``).
+        So an adapter saved at one TP size loads at any other.
+
+        Args:
+            prefix: key prefix (Megatron passes ``"<module path>."``).
+            sharded_offsets: offsets prepended by enclosing modules (e.g. stacked layers).
+            metadata: Megatron's metadata dict. Its ``"dp_cp_group"`` picks the main replica;
+                without one, megatron's parallel_state is used when initialised, else there are
+                taken to be no data-parallel replicas.
+            include_base: also return the base layer's entries (False: adapters only).
+
+        Returns:
+            ``{state-dict key: ShardedTensor | ShardedObject}``: ``{prefix}base_layer.weight``
+            (checkpoint key ``{prefix}weight``), the bias likewise, and
+            ``{prefix}lora_A.<adapter>.weight`` (global shape ``[r, K]``) and
+            ``{prefix}lora_B.<adapter>.weight`` (``[N, r]``) for every adapter.
+
+        Example:
+            >>> # from megatron.core import dist_checkpointing
+            >>> # dist_checkpointing.save(layer.sharded_state_dict(), ckpt_dir)          # at one TP size
+            >>> # sd = dist_checkpointing.load(layer.sharded_state_dict(), ckpt_dir)     # at another
+            >>> # layer.load_state_dict(sd)
+        """
+        from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
+
+        meta = dict(metadata or {})
+        if meta.get("dp_cp_group") is None:
+            meta["dp_cp_group"] = _default_dp_cp_group()
+        dp = meta["dp_cp_group"]
+        out = {}
+        if include_base:
+            base = self.base_layer.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets, metadata=meta)
+            out.update({f"{prefix}base_layer.{k[len(prefix):]}": v for k, v in base.items()})
+        for which, factors in (("lora_A", self.lora_A), ("lora_B", self.lora_B)):
+            axis = self.lora_shard_dims[which]
+            for name, factor in factors.items():
+                key = f"{prefix}{which}.{name}.weight"
+                if axis is None:
+                    out[key] = make_sharded_tensor_for_checkpoint(factor.weight, key, prepend_offsets=sharded_offsets,
+                                                                  tp_group=self.tp_group, dp_cp_group=dp)
+                else:
+                    out[key] = make_tp_sharded_tensor_for_checkpoint(factor.weight, key, tp_axis=axis,
+                                                                     prepend_offsets=sharded_offsets,
+                                                                     tp_group=self.tp_group, dp_cp_group=dp)
+        return out
+
     # -- forward -----------------------------------------------------------------------------
     def _lora_args(self, x: torch.Tensor) -> dict | None:
-        if self._disabled or self.merged or self.active_adapter is None:
+        if self._disable_adapters or self.merged or self._active_adapter is None:
             return None
-        name = self.active_adapter
+        name = self._active_adapter
         return dict(lora_a=self.lora_A[name].weight, lora_b=self.lora_B[name].weight, scale=self.scaling[name],
                     dropout_p=self.lora_dropout[name] if self.training else 0.0, backend=self.backend)
 
@@ -277,7 +499,16 @@ class _ParallelLoRA(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"tp_size={self.tp_size}, sequence_parallel={self.sequence_parallel}, "
-                f"adapters={ {n: self.r[n] for n in self.r} }, active={self.active_adapter!r}")
+                f"adapters={ {n: self.r[n] for n in self.r} }, active={self._active_adapter!r}")
+
+
+def _default_dp_cp_group():
+    """Megatron's data(+context)-parallel group when parallel_state is initialised, else None."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return None
 
 
 class ColumnParallelLoRA(_ParallelLoRA):
@@ -306,6 +537,7 @@ class ColumnParallelLoRA(_ParallelLoRA):
 
     kind = "column"
     _base_types = ("ColumnParallelLinear",)
+    lora_shard_dims: ClassVar[dict[str, int | None]] = {"lora_A": None, "lora_B": 0}
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         super().__init__(base_layer, **kwargs)
@@ -359,6 +591,7 @@ class RowParallelLoRA(_ParallelLoRA):
 
     kind = "row"
     _base_types = ("RowParallelLinear",)
+    lora_shard_dims: ClassVar[dict[str, int | None]] = {"lora_A": 1, "lora_B": None}
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         super().__init__(base_layer, **kwargs)
