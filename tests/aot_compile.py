@@ -32,7 +32,7 @@ _SCALARS_F32 = ("scale", "inv_keep")
 # What the JIT's specialisation would see at a real launch on contiguous tensors with model dims
 # that are multiples of 16: unit innermost strides become constexpr 1, pointers and the other
 # ints (not marked do_not_specialize) carry tt.divisibility=16.
-_UNIT_STRIDES = {"s_xk", "s_wk", "s_ak", "s_ur", "s_br", "s_on", "s_dyn", "s_dur", "s_dxk", "s_pr", "s_pk"}
+_UNIT_STRIDES = {"s_xok", "s_xk", "s_wk", "s_ak", "s_ur", "s_br", "s_on", "s_dyn", "s_dur", "s_dxk", "s_pr", "s_pk"}
 _DT = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -82,8 +82,11 @@ def variants(quick: bool):
         for thr in ((6554,) if quick else (0, 6554)):
             drop = {"THR": thr, "HAS_DROPOUT": thr > 0}
             tiles = L._SHRINK_CONFIGS[0]
-            yield ("shrink_fwd", K._lora_shrink_fwd_kernel, {"p_x": dt, "p_a": w, "p_u": dt, "p_seed": "i64"},
-                   {**drop, **common, **tiles.kwargs, "BLOCK_K": red}, tiles.num_warps, tiles.num_stages)
+            # COPY_X is the column-SP variant (it packs [x_i | u_i] for the all-gather).
+            yield ("shrink_fwd", K._lora_shrink_fwd_kernel,
+                   {"p_x": dt, "p_a": w, "p_u": dt, "p_seed": "i64", "p_xo": dt},
+                   {**drop, **common, **tiles.kwargs, "BLOCK_K": red, "COPY_X": thr > 0}, tiles.num_warps,
+                   tiles.num_stages)
             tiles = L._DX_CONFIGS[0]
             yield ("linear_dx", K._lora_linear_dx_kernel,
                    {"p_dy": dt, "p_w": dt, "p_du": dt, "p_a": w, "p_dx": dt, "p_seed": "i64"},

@@ -6,14 +6,16 @@ LoRA adds no collective to any mode. It rides on the base layer's own:
 mode               forward                                     backward
 =================  ==========================================  =====================================
 column, SP off     none (+ all-gather cols if gather_output)   all-reduce ``[dX | du]``
-column, SP on      all-gather rows of x (+ gather_output)      reduce-scatter rows of ``[dX | du]``
+column, SP on      all-gather rows of ``[x | u]`` (+ gather)     reduce-scatter rows of ``[dX | du]``
 row, SP off        all-reduce ``[z | u]``                      none (+ all-gather cols of dx if
                                                                not input_is_parallel)
 row, SP on         reduce-scatter rows of ``[z | u]``          all-gather rows of dy (+ as above)
 =================  ==========================================  =====================================
 
 The ``[a | b]`` buffers are ``distributed.RowChunkedBuffer``s: the kernels write both operands
-into the one buffer the base collective reduces, r columns wider than the base's own. Saved
+into the one buffer the base collective reduces or gathers, r columns wider than the base's own.
+Under column SP each rank computes u for its own rows only (one read of x_i, which the same
+kernel copies into the gather buffer), so no rank repeats another's shrink or mask work. Saved
 for backward: the layer input (local under SP), u (T×r) and the seed; no mask, no dropped or
 fp32 copy of x. One exception, documented: a column layer whose input needs no gradient has no
 base dgrad collective to ride on, so du (T×r) gets an all-reduce of its own.
@@ -81,13 +83,22 @@ class _ColumnParallelLoRAFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, seed, plan: Plan):
-        X = D.all_gather_rows(x, plan.group) if plan.sequence_parallel else x
-        u = L.lora_shrink_fwd(X, lora_a, seed=seed, thr=plan.thr, backend=plan.backend)
+        if plan.sequence_parallel:
+            # [x_i | u_i] rides in the base's all-gather: u's rows are computed once, by their owner.
+            T_i, K, R = x.shape[0], x.shape[1], lora_a.shape[0]
+            packed = torch.empty(T_i, K + R, dtype=x.dtype, device=x.device)  # row j = [x_j | u_j]
+            L.lora_shrink_fwd(x, lora_a, seed=seed, thr=plan.thr, row0=plan.rank * T_i, out=packed[:, K:],
+                              x_out=packed[:, :K], backend=plan.backend)
+            X, u = D.all_gather_rows(packed, plan.group).split([K, R], dim=1)
+            u_saved = u.clone()  # compact: saving the view would pin the gathered x
+        else:
+            X = x
+            u = u_saved = L.lora_shrink_fwd(X, lora_a, seed=seed, thr=plan.thr, backend=plan.backend)
         y = L.lora_linear_fwd(X, weight, u, lora_b, scale=plan.scale, bias=bias, backend=plan.backend)
         if plan.gather_output:
             y = D.all_gather_cols(y, plan.group)
         ctx.plan = plan
-        ctx.save_for_backward(x, weight, lora_a, lora_b, u, seed)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, u_saved, seed)
         return y
 
     @staticmethod
@@ -107,10 +118,12 @@ class _ColumnParallelLoRAFn(torch.autograd.Function):
             du_view = buf.views[-1] if need_da else None
             du, db = L.lora_dy_bwd(dy, lora_b, u if need_db else None, scale=plan.scale, du_out=du_view,
                                    backend=plan.backend)
+            keep = L.shared_keep(plan.backend, seed, plan.thr, 0, T, 0, K, dy.device) if need_dx and need_da \
+                else None
             if need_dx:
                 # dX_i and du_i are partial sums over ranks, and dX_i is linear in du_i, so the
                 # base's one dgrad collective (r columns wider) finishes both.
-                L.lora_linear_dx(dy, weight, du, lora_a, seed=seed, thr=plan.thr, out=buf.views[0],
+                L.lora_linear_dx(dy, weight, du, lora_a, seed=seed, thr=plan.thr, out=buf.views[0], keep=keep,
                                  backend=plan.backend)
             if plan.sequence_parallel:
                 parts = buf.split(D.reduce_scatter_rows(buf.flat, plan.group))
@@ -120,7 +133,9 @@ class _ColumnParallelLoRAFn(torch.autograd.Function):
                 dx = parts[0]
             if need_da:
                 row0 = plan.rank * x.shape[0] if plan.sequence_parallel else 0
-                da = L.lora_shrink_bwd(parts[-1], x, seed=seed, thr=plan.thr, row0=row0, backend=plan.backend)
+                keep_i = keep[row0:row0 + x.shape[0]] if keep is not None else None
+                da = L.lora_shrink_bwd(parts[-1], x, seed=seed, thr=plan.thr, row0=row0, keep=keep_i,
+                                       backend=plan.backend)
         elif need_db:
             _, db = L.lora_dy_bwd(dy, lora_b, u, scale=plan.scale, compute_du=False, backend=plan.backend)
         return dx, None, None, _deliver(lora_a, da), _deliver(lora_b, db), None, None
@@ -164,10 +179,13 @@ class _RowParallelLoRAFn(torch.autograd.Function):
         du, db = L.lora_dy_bwd(dY, lora_b, u if need_db else None, scale=plan.scale, u_row0=u_row0,
                                compute_du=need_dx or need_da, backend=plan.backend)
         dx = da = None
+        keep = L.shared_keep(plan.backend, seed, plan.thr, 0, x_i.shape[0], col0, x_i.shape[1], dy.device) \
+            if need_dx and need_da else None
         if need_dx:
-            dx = L.lora_linear_dx(dY, weight, du, lora_a, seed=seed, thr=plan.thr, col0=col0, backend=plan.backend)
+            dx = L.lora_linear_dx(dY, weight, du, lora_a, seed=seed, thr=plan.thr, col0=col0, keep=keep,
+                                  backend=plan.backend)
             if not plan.input_is_parallel:
                 dx = D.all_gather_cols(dx, plan.group)
         if need_da:
-            da = L.lora_shrink_bwd(du, x_i, seed=seed, thr=plan.thr, col0=col0, backend=plan.backend)
+            da = L.lora_shrink_bwd(du, x_i, seed=seed, thr=plan.thr, col0=col0, keep=keep, backend=plan.backend)
         return dx, None, None, _deliver(lora_a, da), _deliver(lora_b, db), None, None

@@ -24,6 +24,12 @@ __all__ = [
 ]
 
 
+# torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor for *_single; the GPU
+# image's torch 2.11 has only the old names.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def group_size(group: dist.ProcessGroup | None) -> int:
     """World size of ``group`` (1 when torch.distributed is not initialised)."""
     if not dist.is_available() or not dist.is_initialized():
@@ -45,7 +51,7 @@ def all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.T
         return x
     x = x.contiguous()
     out = torch.empty((t * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather(out, x, group=group)
     return out
 
 
@@ -71,7 +77,7 @@ def reduce_scatter_rows(buf: torch.Tensor, group: dist.ProcessGroup | None) -> t
     if t == 1:
         return buf
     out = torch.empty((buf.shape[0] // t, *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
-    dist.reduce_scatter_tensor(out, buf.contiguous(), group=group)
+    _reduce_scatter(out, buf.contiguous(), group=group)
     return out
 
 

@@ -5,7 +5,7 @@ Five kernels, after LoRAFusion's split (DESIGN §3):
 ==========================  ==========================================  ===================
 kernel                      computes                                    reads once
 ==========================  ==========================================  ===================
-``_lora_shrink_fwd_kernel``  ``u = drop(X) Aᵀ``                          X
+``_lora_shrink_fwd_kernel``  ``u = drop(X) Aᵀ`` (and optionally copies X)  X
 ``_lora_linear_fwd_kernel``  ``out = X Wᵀ + s·u Bᵀ (+ bias)``             X, W
 ``_lora_dy_bwd_kernel``      ``du = s·dy B`` and ``dB = s·dyᵀ u``         dy
 ``_lora_linear_dx_kernel``   ``dx = dy W + (du A) ⊙ M / (1-p)``           dy, W
@@ -91,21 +91,26 @@ def _grouped(pid, n_m, n_n, GROUP_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T", "RPC", "row0", "col0"])
 def _lora_shrink_fwd_kernel(
-    p_x, p_a, p_u, p_seed,
+    p_x, p_a, p_u, p_seed, p_xo,
     T, K, R, RPC,
     s_xc, s_xm, s_xk,
     s_ar, s_ak,
     s_uc, s_um, s_ur,
+    s_xoc, s_xom, s_xok,
     row0, col0, inv_keep,
-    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, COPY_X: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    # COPY_X also writes the (undropped) x tile to p_xo: column-parallel SP packs [x_i | u_i] for
+    # the base's all-gather in the same single read of x.
     pid = tl.program_id(0)
     o_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_r = tl.arange(0, BLOCK_R)
     m_m = o_m < T
     m_r = o_r < R
     o_xm = _rows(o_m, RPC, s_xc, s_xm)
+    if COPY_X:
+        o_xom = _rows(o_m, RPC, s_xoc, s_xom)
     if HAS_DROPOUT:
         seed = tl.load(p_seed)
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
@@ -113,6 +118,8 @@ def _lora_shrink_fwd_kernel(
         o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         m_k = o_k < K
         b_x = tl.load(p_x + o_xm[:, None] + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        if COPY_X:
+            tl.store(p_xo + o_xom[:, None] + o_k[None, :] * s_xok, b_x, mask=m_m[:, None] & m_k[None, :])
         if HAS_DROPOUT:
             b_x = b_x * _keep(seed, row0 + o_m, col0 + o_k, THR).to(b_x.dtype)
         b_at = tl.load(p_a + o_r[None, :] * s_ar + o_k[:, None] * s_ak, mask=m_k[:, None] & m_r[None, :],

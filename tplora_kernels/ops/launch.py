@@ -15,11 +15,11 @@ import os
 import torch
 import triton
 
-from ..mask import keep_scale
+from ..mask import keep_mask, keep_scale
 from . import kernels as _k
 from . import torch_impl as _t
 
-__all__ = ["lora_dy_bwd", "lora_linear_dx", "lora_linear_fwd", "lora_shrink_bwd", "lora_shrink_fwd"]
+__all__ = ["lora_dy_bwd", "lora_linear_dx", "lora_linear_fwd", "lora_shrink_bwd", "lora_shrink_fwd", "shared_keep"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FLOATS = (torch.float32, *_LOW_PRECISION)
@@ -143,6 +143,12 @@ def _check_same_device(**ts: torch.Tensor | None) -> torch.device:
     return next(iter(devs.values()))
 
 
+def _check_keep(keep: torch.Tensor | None, T: int, K: int) -> torch.Tensor | None:
+    if keep is not None and (keep.dtype != torch.bool or tuple(keep.shape) != (T, K)):
+        raise ValueError(f"keep must be a [{T}, {K}] bool mask, got {tuple(keep.shape)} {keep.dtype}")
+    return keep
+
+
 def _new_rows(T: int, width: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.empty(T, width, dtype=dtype or like.dtype, device=like.device)
 
@@ -161,7 +167,7 @@ def _dropout_args(seed: torch.Tensor | None, thr: int, device: torch.device):
 # ---------------------------------------------------------------------------------------------
 def lora_shrink_fwd(x: torch.Tensor, lora_a: torch.Tensor, *, seed: torch.Tensor | None = None, thr: int = 0,
                     row0: int = 0, col0: int = 0, out: torch.Tensor | None = None,
-                    backend: str = "torch") -> torch.Tensor:
+                    x_out: torch.Tensor | None = None, backend: str = "torch") -> torch.Tensor:
     """``u = drop(x) Aᵀ``: the LoRA down-projection with dropout generated in-kernel.
 
     Args:
@@ -171,6 +177,8 @@ def lora_shrink_fwd(x: torch.Tensor, lora_a: torch.Tensor, *, seed: torch.Tensor
         thr: ``mask.dropout_threshold(p)``; 0 disables dropout (no mask work at all).
         row0, col0: global row and column of ``x[0, 0]``, so the mask is TP-invariant.
         out: optional ``[T, r]`` (or row-chunked) destination in x's dtype.
+        x_out: optional ``[T, K]`` destination that also receives a copy of (undropped) x, written
+            from the same single read (packs ``[x | u]`` for a collective).
         backend: ``"triton"``, ``"interpret"`` or ``"torch"``.
 
     Returns:
@@ -192,16 +200,23 @@ def lora_shrink_fwd(x: torch.Tensor, lora_a: torch.Tensor, *, seed: torch.Tensor
     if out is None:
         out = _new_rows(T, R, x)
     _check_rows("out", out, T, R, x.dtype)
+    if x_out is not None:
+        _check_same_device(x=x, x_out=x_out)
+        _check_rows("x_out", x_out, T, K, x.dtype)
     if T == 0 or R == 0:
         return out
-    rpc = _rpc(T, x, out)
+    rpc = _rpc(T, x, out, x_out)
     if backend == "torch":
+        if x_out is not None:
+            x_out.copy_(x if x_out.dim() == 2 else x.reshape(x_out.shape))
         _t.shrink_fwd(x, lora_a, out, seed_t, thr, inv_keep, row0, col0, rpc)
         return out
+    xo = x_out if x_out is not None else out  # an unused pointer when COPY_X is off
     fn, meta = _kernel("shrink_fwd", _k._lora_shrink_fwd_kernel, backend, _SHRINK_CONFIGS)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]),)  # noqa: E731
-    fn[grid](x, lora_a, out, seed_t, T, K, R, rpc, *_rs(x, rpc), *lora_a.stride(), *_rs(out, rpc),
-             row0, col0, inv_keep, THR=thr, HAS_DROPOUT=thr > 0, INTERP_BF16=_interp_bf16(x.dtype, backend),
+    fn[grid](x, lora_a, out, seed_t, xo, T, K, R, rpc, *_rs(x, rpc), *lora_a.stride(), *_rs(out, rpc),
+             *_rs(xo, rpc), row0, col0, inv_keep, THR=thr, HAS_DROPOUT=thr > 0, COPY_X=x_out is not None,
+             INTERP_BF16=_interp_bf16(x.dtype, backend),
              PRECISION=_precision(x.dtype, backend), BLOCK_K=_RED[x.dtype], BLOCK_R=_block_r(R), **meta)
     return out
 
@@ -331,7 +346,8 @@ def lora_dy_bwd(dy: torch.Tensor, lora_b: torch.Tensor, u: torch.Tensor | None, 
 
 def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lora_a: torch.Tensor, *,
                    seed: torch.Tensor | None = None, thr: int = 0, row0: int = 0, col0: int = 0,
-                   out: torch.Tensor | None = None, backend: str = "torch") -> torch.Tensor:
+                   out: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                   backend: str = "torch") -> torch.Tensor:
     """``dx = dy W + (du A) ⊙ M / (1-p)``, with the dropout mask regenerated in the epilogue.
 
     Args:
@@ -341,6 +357,9 @@ def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lor
         lora_a: ``[r, K]``.
         seed, thr, row0, col0: the forward's dropout arguments (same mask).
         out: optional ``[T, K]`` destination (any strides, or row-chunked), dy's dtype.
+        keep: optional ``mask.keep_mask(seed, row0, T, col0, K, thr)``, ``[T, K]`` bool, so the
+            torch backend can share one mask between this call and ``lora_shrink_bwd``. The
+            Triton backends ignore it: they regenerate the mask in registers.
         backend: ``"triton"``, ``"interpret"`` or ``"torch"``.
 
     Returns:
@@ -370,7 +389,7 @@ def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lor
         return out
     rpc = _rpc(T, dy, du, out)
     if backend == "torch":
-        _t.linear_dx(dy, weight, du, lora_a, out, seed_t, thr, inv_keep, row0, col0, rpc)
+        _t.linear_dx(dy, weight, du, lora_a, out, seed_t, thr, inv_keep, row0, col0, rpc, _check_keep(keep, T, K))
         return out
     fn, meta = _kernel("linear_dx", _k._lora_linear_dx_kernel, backend, _DX_CONFIGS)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),)  # noqa: E731
@@ -381,14 +400,35 @@ def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lor
     return out
 
 
+def shared_keep(backend: str, seed: torch.Tensor | None, thr: int, row0: int, rows: int, col0: int, cols: int,
+                device: torch.device) -> torch.Tensor | None:
+    """A keep-mask to share between ``lora_linear_dx`` and ``lora_shrink_bwd``, where it pays.
+
+    The torch backend would otherwise generate the same Philox mask twice in one backward; the
+    Triton kernels regenerate it in registers at no memory cost, so for them this is None.
+
+    Returns:
+        ``[rows, cols]`` bool mask (torch backend, dropout on), else None.
+
+    Example:
+        >>> shared_keep("triton", None, 0, 0, 4, 0, 8, torch.device("cpu")) is None
+        True
+    """
+    if backend != "torch" or thr == 0:
+        return None
+    return keep_mask(seed, row0, rows, col0, cols, thr, device=device)
+
+
 def lora_shrink_bwd(du: torch.Tensor, x: torch.Tensor, *, seed: torch.Tensor | None = None, thr: int = 0,
-                    row0: int = 0, col0: int = 0, backend: str = "torch") -> torch.Tensor:
+                    row0: int = 0, col0: int = 0, keep: torch.Tensor | None = None,
+                    backend: str = "torch") -> torch.Tensor:
     """``dA = duᵀ drop(x)``, with the forward's mask regenerated from one read of x.
 
     Args:
         du: ``[T, r]`` (any strides, or row-chunked).
         x: ``[T, K]`` the saved layer input (any strides, or row-chunked).
         seed, thr, row0, col0: the forward's dropout arguments.
+        keep: optional precomputed ``[T, K]`` bool mask for these rows (see ``lora_linear_dx``).
         backend: ``"triton"``, ``"interpret"`` or ``"torch"``.
 
     Returns:
@@ -410,7 +450,7 @@ def lora_shrink_bwd(du: torch.Tensor, x: torch.Tensor, *, seed: torch.Tensor | N
         return torch.zeros(R, K, dtype=torch.float32, device=device)
     rpc = _rpc(T, du, x)
     if backend == "torch":
-        return _t.shrink_bwd(du, x, seed_t, thr, inv_keep, row0, col0, rpc)
+        return _t.shrink_bwd(du, x, seed_t, thr, inv_keep, row0, col0, rpc, _check_keep(keep, T, K))
     splits = triton.cdiv(T, _ROWS_PER_SPLIT)
     part = torch.empty(splits, R, K, dtype=torch.float32, device=device)
     fn, meta = _kernel("shrink_bwd", _k._lora_shrink_bwd_kernel, backend, _SHRINK_BWD_CONFIGS)

@@ -22,10 +22,14 @@ def _chunks(t: torch.Tensor, rpc: int) -> list[torch.Tensor]:
     return [t[i:i + rpc] for i in range(0, t.shape[0], rpc)] or [t]
 
 
-def _masked(x: torch.Tensor, seed: torch.Tensor | None, thr: int, row0: int, col0: int) -> torch.Tensor:
-    if thr == 0:
-        return x
-    keep = keep_mask(seed, row0, x.shape[0], col0, x.shape[1], thr, device=x.device)
+def _keep(keep, seed, thr: int, row0: int, col0: int, rows: slice, shape, device) -> torch.Tensor:
+    """The keep-mask of one row chunk: a slice of a shared precomputed mask, or generated."""
+    if keep is not None:
+        return keep[rows]
+    return keep_mask(seed, row0 + rows.start, shape[0], col0, shape[1], thr, device=device)
+
+
+def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     # A multiply, not where(): NaN/Inf in dropped elements propagate as through nn.Dropout.
     return x * keep.to(x.dtype)
 
@@ -34,7 +38,8 @@ def shrink_fwd(x, a, u, seed, thr, inv_keep, row0, col0, rpc):
     """``u = drop(x) Aᵀ`` into ``u`` (may be row-chunked)."""
     xs, us = _chunks(x, rpc), _chunks(u, rpc)
     for i, (xc, uc) in enumerate(zip(xs, us)):
-        xd = _masked(xc, seed, thr, row0 + i * rpc, col0)
+        rows = slice(i * rpc, i * rpc + xc.shape[0])
+        xd = _masked(xc, _keep(None, seed, thr, row0, col0, rows, xc.shape, xc.device)) if thr else xc
         acc = torch.mm(xd.float(), a.float().t())
         if thr:
             acc.mul_(inv_keep)
@@ -68,14 +73,15 @@ def dy_bwd(dy, b, u, du, scale, u_row0, rpc):
     return torch.mm(rows.float().t(), u.float()).mul_(scale)
 
 
-def linear_dx(dy, w, du, a, dx, seed, thr, inv_keep, row0, col0, rpc):
-    """``dx = dy W + (du A) ⊙ M / (1-p)`` into ``dx`` (may be row-chunked)."""
+def linear_dx(dy, w, du, a, dx, seed, thr, inv_keep, row0, col0, rpc, keep=None):
+    """``dx = dy W + (du A) ⊙ M / (1-p)`` into ``dx`` (may be row-chunked); ``keep``: shared mask."""
     af = a.float()
     for i, (dc, duc, xc) in enumerate(zip(_chunks(dy, rpc), _chunks(du, rpc), _chunks(dx, rpc))):
-        lora = torch.mm(duc.float(), af)
+        # 1/(1-p) scales du (T×r), not the T×K product.
+        lora = torch.mm(duc.float() * inv_keep if thr else duc.float(), af)
         if thr:
-            keep = keep_mask(seed, row0 + i * rpc, lora.shape[0], col0, lora.shape[1], thr, device=lora.device)
-            lora.mul_(keep).mul_(inv_keep)
+            rows = slice(i * rpc, i * rpc + lora.shape[0])
+            lora.mul_(_keep(keep, seed, thr, row0, col0, rows, lora.shape, lora.device))
         if xc.is_contiguous() and xc.dtype == dc.dtype:
             torch.mm(dc, w, out=xc)
             xc.add_(lora)
@@ -83,11 +89,12 @@ def linear_dx(dy, w, du, a, dx, seed, thr, inv_keep, row0, col0, rpc):
             xc.copy_(torch.mm(dc, w).float().add_(lora))
 
 
-def shrink_bwd(du, x, seed, thr, inv_keep, row0, col0, rpc):
-    """Returns fp32 ``dA = duᵀ drop(x)``."""
+def shrink_bwd(du, x, seed, thr, inv_keep, row0, col0, rpc, keep=None):
+    """Returns fp32 ``dA = duᵀ drop(x)``; ``keep``: shared mask."""
     acc = None
     for i, (duc, xc) in enumerate(zip(_chunks(du, rpc), _chunks(x, rpc))):
-        xd = _masked(xc, seed, thr, row0 + i * rpc, col0)
+        rows = slice(i * rpc, i * rpc + xc.shape[0])
+        xd = _masked(xc, _keep(keep, seed, thr, row0, col0, rows, xc.shape, xc.device)) if thr else xc
         part = torch.mm(duc.float().t(), xd.float())
         acc = part if acc is None else acc.add_(part)
     if thr:
