@@ -32,8 +32,8 @@ _SCALARS_F32 = ("scale", "inv_keep")
 # What the JIT's specialisation would see at a real launch on contiguous tensors with model dims
 # that are multiples of 16: unit innermost strides become constexpr 1, pointers and the other
 # ints (not marked do_not_specialize) carry tt.divisibility=16.
-_UNIT_STRIDES = {"s_xok", "s_xk", "s_wk", "s_ak", "s_ur", "s_br", "s_on", "s_dyn", "s_dur", "s_dxk", "s_pr", "s_pk"}
-_DT = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+_UNIT_STRIDES = {"s_bias", "s_xok", "s_xk", "s_wk", "s_ak", "s_ur", "s_br", "s_on", "s_dyn", "s_dur", "s_dxk",
+                 "s_pr", "s_pk"}
 
 
 def _attrs(fn, consts: dict) -> dict:

@@ -24,10 +24,14 @@ __all__ = [
 ]
 
 
-# torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor for *_single; the GPU
-# image's torch 2.11 has only the old names.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    # torch 2.13 deprecates all_gather_into_tensor for all_gather_single; torch 2.11 (the GPU
+    # image) has only the old name. Looked up per call, so tools that wrap dist.* see the call.
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+
+
+def _reduce_scatter(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:

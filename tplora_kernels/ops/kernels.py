@@ -67,8 +67,10 @@ def _cast_out(acc, p_out, INTERP_BF16: tl.constexpr):
     """fp32 accumulator -> the output's dtype, rounding to nearest even (see INTERP_BF16)."""
     if INTERP_BF16:
         if p_out.dtype.element_ty == tl.bfloat16:
+            # Round the fp32 bits to nearest even at bit 16, keep the top half as the bf16 bits.
             bits = acc.to(tl.uint32, bitcast=True)
-            acc = (bits + (((bits >> 16) & 1) + 0x7FFF)).to(tl.float32, bitcast=True)
+            top = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+            return top.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return acc.to(p_out.dtype.element_ty)
 
 
@@ -144,6 +146,7 @@ def _lora_linear_fwd_kernel(
     s_uc, s_um, s_ur,
     s_bn, s_br,
     s_oc, s_om, s_on,
+    s_bias,
     scale,
     HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -180,7 +183,7 @@ def _lora_linear_fwd_kernel(
         lora = tl.dot(b_u, b_bt.to(b_u.dtype), input_precision=PRECISION)
     acc += scale * lora
     if HAS_BIAS:
-        acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(p_bias + o_n * s_bias, mask=m_n, other=0.0).to(tl.float32)[None, :]
     o_om = _rows(o_m, RPC, s_oc, s_om)
     tl.store(p_out + o_om[:, None] + o_n[None, :] * s_on, _cast_out(acc, p_out, INTERP_BF16),
              mask=m_m[:, None] & m_n[None, :])

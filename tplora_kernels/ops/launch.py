@@ -269,7 +269,8 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, lora
     fn, meta = _kernel("linear_fwd", _k._lora_linear_fwd_kernel, backend, _LINEAR_CONFIGS)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
     fn[grid](x, weight, u, lora_b, bias if bias is not None else weight, out, T, N, K, R, rpc,
-             *_rs(x, rpc), *weight.stride(), *_rs(u, rpc), *lora_b.stride(), *_rs(out, rpc), float(scale),
+             *_rs(x, rpc), *weight.stride(), *_rs(u, rpc), *lora_b.stride(), *_rs(out, rpc),
+             bias.stride(0) if bias is not None else 0, float(scale),
              HAS_BIAS=bias is not None, INTERP_BF16=_interp_bf16(x.dtype, backend),
              PRECISION=_precision(x.dtype, backend), BLOCK_K=_RED[x.dtype], BLOCK_R=_block_r(R), GROUP_M=8, **meta)
     return out

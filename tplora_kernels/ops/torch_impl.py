@@ -47,13 +47,24 @@ def shrink_fwd(x, a, u, seed, thr, inv_keep, row0, col0, rpc):
 
 
 def linear_fwd(x, w, u, b, bias, out, scale, rpc):
-    """``out = x Wᵀ + s·u Bᵀ (+ bias)`` into ``out`` (may be row-chunked)."""
-    bt = b.t().to(x.dtype)
+    """``out = x Wᵀ + s·u Bᵀ (+ bias)`` into ``out`` (may be row-chunked).
+
+    fp32 works in place on ``out``; fp16/bf16 accumulate in fp32 and round once, as the kernel does.
+    """
+    low = x.dtype != torch.float32
+    wt = w.t().float() if low else w.t()
+    bt = b.t().float() if low else b.t().to(x.dtype)
     for xc, uc, oc in zip(_chunks(x, rpc), _chunks(u, rpc), _chunks(out, rpc)):
-        if oc.is_contiguous() and oc.dtype == x.dtype:
-            torch.mm(xc, w.t(), out=oc)
+        if low:
+            acc = torch.mm(xc.float(), wt).addmm_(uc.float(), bt, alpha=scale)
+            if bias is not None:
+                acc.add_(bias.float())
+            oc.copy_(acc)
+            continue
+        if oc.is_contiguous():
+            torch.mm(xc, wt, out=oc)
         else:
-            oc.copy_(torch.mm(xc, w.t()))
+            oc.copy_(torch.mm(xc, wt))
         oc.addmm_(uc.to(x.dtype), bt, alpha=scale)
         if bias is not None:
             oc.add_(bias)
@@ -82,11 +93,11 @@ def linear_dx(dy, w, du, a, dx, seed, thr, inv_keep, row0, col0, rpc, keep=None)
         if thr:
             rows = slice(i * rpc, i * rpc + lora.shape[0])
             lora.mul_(_keep(keep, seed, thr, row0, col0, rows, lora.shape, lora.device))
-        if xc.is_contiguous() and xc.dtype == dc.dtype:
+        if xc.is_contiguous() and dc.dtype == torch.float32:
             torch.mm(dc, w, out=xc)
             xc.add_(lora)
-        else:
-            xc.copy_(torch.mm(dc, w).float().add_(lora))
+        else:  # fp16/bf16: accumulate in fp32, round once
+            xc.copy_(torch.mm(dc.float(), w.float()).add_(lora))
 
 
 def shrink_bwd(du, x, seed, thr, inv_keep, row0, col0, rpc, keep=None):

@@ -1,0 +1,224 @@
+"""CLI: ``python -m bench [options]`` from the repository root (see ``--help`` and NOTES.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+_CPU_DEFAULTS = {"tokens": 1024, "d_in": 1024, "d_out": 1024, "r": 16, "p": "0,0.1", "dtype": "fp32",
+                 "warmup": 2, "reps": 12}
+_CUDA_DEFAULTS = {"tokens": 8192, "d_in": 4096, "d_out": 4096, "r": 16, "p": "0,0.1", "dtype": "bf16",
+                  "warmup": 5, "reps": 30}
+_QUICK = {"tokens": 64, "d_in": 64, "d_out": 64, "r": 8, "p": "0.1", "warmup": 1, "reps": 3}
+
+_EPILOG = """\
+Three contenders per case: the frozen base layer alone (the floor), the unfused reference
+(PEFT's LoraParallelLinear structure: materialised dropout, fp32 LoRA weights, its own
+collective) and the fused tplora_kernels path. Shapes are the FULL layer (--in K, --out N);
+each rank builds its shard (column: W_i [N/t, K]; row: W_i [N, K/t]).
+
+Defaults: CPU fp32, T=1024, K=N=1024, r=16, p in {0, 0.1}, TP 1,2,4 on gloo, SP off/on,
+one thread per rank (20 cases, about 2.5 minutes on an idle 2-core machine).
+CUDA: triton backend, bf16, T=8192, K=N=4096; TP sizes beyond the GPU count run each
+rank's shard shapes on one GPU (collectives "not measured").
+
+Writes bench.json, bench.csv and bench.png under --out-dir, and a table on stdout.
+Examples:
+  python -m bench
+  python -m bench --quick --tp 1,2
+  python -m bench --kind row --tp 2 --sp on --tokens 2048 --p 0.1
+  python -m bench --tp 1,2,4 --dtype bf16 --backend triton --out-dir bench_out/h200
+"""
+
+
+def _csv(kind):
+    def parse(s: str):
+        try:
+            return [kind(x) for x in s.split(",") if x.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    return parse
+
+
+def _onoff(s: str) -> bool:
+    s = s.strip().lower()
+    if s in ("on", "true", "1", "yes"):
+        return True
+    if s in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(f"expected on/off, got {s!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (no heavy imports happen before this returns)."""
+    ap = argparse.ArgumentParser(prog="python -m bench", description="Fused TP-LoRA benchmark: frozen base vs "
+                                 "unfused reference vs fused, per tensor-parallel mode.", epilog=_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("matrix")
+    g.add_argument("--tp", type=_csv(int), default=[1, 2, 4], help="TP sizes (default 1,2,4)")
+    g.add_argument("--kind", type=_csv(str), default=["column", "row"], help="column,row (default both)")
+    g.add_argument("--sp", type=_csv(_onoff), default=[False, True],
+                   help="sequence parallelism off,on (default both; skipped at TP 1)")
+    g.add_argument("--tokens", type=int, help="T, tokens per batch (CPU 1024, CUDA 8192)")
+    g.add_argument("--in", dest="d_in", type=int, help="K, the layer's full input features (CPU 1024, CUDA 4096)")
+    g.add_argument("--out", dest="d_out", type=int, help="N, the layer's full output features (CPU 1024, "
+                   "CUDA 4096). The output DIRECTORY is --out-dir")
+    g.add_argument("--r", type=int, help="LoRA rank (16)")
+    g.add_argument("--p", type=str, help="dropout probabilities, comma-separated (0,0.1)")
+    g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="activation dtype (auto: fp32 on CPU, bf16 on CUDA)")
+    g.add_argument("--quick", action="store_true", help="tiny smoke config: T=K=N=64, r=8, p=0.1, 1 warm-up, "
+                   "3 reps (explicit options still win)")
+    r = ap.add_argument_group("run")
+    r.add_argument("--backend", choices=["auto", "triton", "interpret", "torch"], default="auto",
+                   help="the fused path's backend (auto: triton on CUDA, torch on CPU; interpret = Triton "
+                   "kernels on CPU, tiny shapes only)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    r.add_argument("--gpus", type=int, help="GPUs to use on CUDA (default: all); TP sizes above it are emulated")
+    r.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default 1: steady when ranks share "
+                   "cores with each other or with other work; 0 = cores // TP)")
+    r.add_argument("--warmup", type=int, help="untimed repetitions (CPU 2)")
+    r.add_argument("--reps", type=int, help="timed repetitions (CPU 12); do_bench on one GPU times itself")
+    r.add_argument("--ref-dropout", choices=["bernoulli", "philox"], default="bernoulli",
+                   help="reference dropout: nn.Dropout as PEFT runs it, or the package's Philox mask")
+    r.add_argument("--lora-dtype", choices=["act", "fp32", "fp16", "bf16"], default="act",
+                   help="the fused path's LoRA weight dtype (act = the activation dtype, the modules' default); "
+                   "the reference always keeps PEFT's fp32")
+    r.add_argument("--out-dir", "-o", type=Path, default=Path("bench_out"), help="results directory (bench_out)")
+    r.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--list", action="store_true", help="print the cases and exit")
+    return ap.parse_args(argv)
+
+
+def _resolve(args: argparse.Namespace) -> tuple[str, dict]:
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() and args.backend not in ("interpret", "torch") else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    if device == "cpu" and args.backend == "triton":
+        raise SystemExit("--backend triton needs CUDA; on CPU use torch or interpret")
+    vals = dict(_CUDA_DEFAULTS if device == "cuda" else _CPU_DEFAULTS)
+    if args.quick:
+        vals.update(_QUICK)
+    for k in ("tokens", "d_in", "d_out", "r", "p", "warmup", "reps"):
+        v = getattr(args, k)
+        if v is not None:
+            vals[k] = v
+    if args.dtype != "auto":
+        vals["dtype"] = args.dtype
+    vals["p"] = [float(x) for x in str(vals["p"]).split(",") if x.strip()]
+    return device, vals
+
+
+class _Progress:
+    """tqdm on the parent (fed by rank 0), or one line per step when tqdm is missing."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.bar = total, 0, None
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="case", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                self.bar = None
+
+    def __call__(self, kind: str, idx: int, label: str, payload) -> None:
+        if not self.enabled:
+            return
+        if kind == "done":
+            self.done += 1
+        if self.bar is not None:
+            self.bar.set_description(label)
+            if kind == "done":
+                self.bar.update(1)
+            else:
+                self.bar.set_postfix_str(str(payload))
+        else:
+            print(f"[{self.done}/{self.total}] {label}: {payload if kind != 'done' else 'done'}", file=sys.stderr,
+                  flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench; returns the process exit code (0 even when a target is missed)."""
+    args = parse_args(argv)
+    if args.backend == "interpret":
+        # Must precede the first triton import (here and, inherited, in every spawned rank).
+        os.environ["TRITON_INTERPRET"] = "1"
+    from . import report
+    from .cases import matrix
+    from .runner import RunConfig, run_cases
+
+    device, v = _resolve(args)
+    import torch
+
+    gpus = (args.gpus if args.gpus is not None else torch.cuda.device_count()) if device == "cuda" else 0
+    cases = []
+    for tp in args.tp:
+        emulate = device == "cuda" and tp > max(gpus, 1)
+        cases += matrix(kinds=args.kind, tps=[tp], sps=args.sp, tokens=v["tokens"], d_in=v["d_in"],
+                        d_out=v["d_out"], r=v["r"], ps=v["p"], dtype=v["dtype"], emulate=emulate)
+    if not cases:
+        raise SystemExit("no cases to run (SP needs TP > 1, and an emulated TP size has no SP)")
+    if args.list:
+        for c in cases:
+            print(c.label, "(emulated)" if c.emulated else "")
+        return 0
+    cfg = RunConfig(device=device, backend=args.backend, warmup=v["warmup"], reps=v["reps"],
+                    ref_dropout=args.ref_dropout, lora_dtype=None if args.lora_dtype == "act" else args.lora_dtype,
+                    gpus=gpus, threads=args.threads)
+    started = datetime.now(timezone.utc)
+    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
+    t0 = time.perf_counter()
+    progress = _Progress(len(cases), not args.no_progress)
+    try:
+        records = run_cases(cases, cfg, progress)
+    finally:
+        progress.close()
+    wall = time.perf_counter() - t0
+    report.derive(records)
+    tgt = report.targets(records)
+    meta = report.collect_meta()
+    # Other work on the machine skews CPU timings: the 1-minute load average before and after.
+    meta["machine"]["loadavg_1m"] = [None if load0 is None else round(load0[0], 2),
+                                     round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None]
+    meta.update({"started_utc": started.isoformat(timespec="seconds"), "wall_s": round(wall, 1),
+                 "argv": sys.argv[1:] if argv is None else list(argv), "device": device,
+                 "backend": sorted({r["backend"] for r in records}), "config": {**vars(cfg), **{
+                     k: v[k] for k in ("tokens", "d_in", "d_out", "r", "p", "dtype")}}})
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report.write_json(args.out_dir / "bench.json", meta, records, tgt)
+    report.write_csv(args.out_dir / "bench.csv", records)
+    plotted = not args.no_plot and report.plot(args.out_dir / "bench.png", records)
+    backends = ",".join(meta["backend"])
+    print(f"tplora bench  {started:%Y-%m-%d %H:%M} UTC  device={device} backend={backends} dtype={v['dtype']} "
+          f"T={v['tokens']} K={v['d_in']} N={v['d_out']} r={v['r']}  commit={(meta['git']['commit'] or '?')[:10]}"
+          f"{'+dirty' if meta['git']['dirty'] else ''}  wall {wall:.0f}s  load {meta['machine']['loadavg_1m']}")
+    cores = meta["machine"]["cores"] or 1
+    if device == "cpu" and max((x for x in meta["machine"]["loadavg_1m"] if x is not None), default=0) > cores:
+        print(f"WARNING: the load average exceeded the {cores} cores during the run: other work shared the CPU, "
+              "so the times below are inflated and noisy (ratios between contenders of a case hold up best).")
+    print(report.format_table(records))
+    print()
+    print(report.format_targets(tgt))
+    files = ["bench.json", "bench.csv"] + (["bench.png"] if plotted else [])
+    print(f"\nwrote {', '.join(str(args.out_dir / f) for f in files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,570 @@
+"""Spawning the ranks, and what each rank measures.
+
+Parent side, ``run_cases``: the cases are grouped by how many processes they need. On CPU each
+TP size t gets t spawned ranks joined by a real gloo group on 127.0.0.1; on CUDA with at least
+t GPUs, t ranks on NCCL; on CUDA with fewer, one process times each rank's shard shapes
+(``Case.emulated``) and collectives are "not measured". Rank 0 streams progress and results
+back through a queue, so the parent owns the progress bar.
+
+Rank side, per case and per contender (``base``, ``reference``, ``fused``):
+
+1. **One instrumented forward + backward**, not timed:
+
+   * collectives: ``torch.distributed``'s collective functions are wrapped for the pass and
+     every call is recorded with its phase (forward / backward) and its largest tensor's bytes
+     (the full buffer: all-reduce's tensor, all-gather's output, reduce-scatter's input). The
+     same pass runs under ``torch.profiler``, and its ``c10d::`` dispatcher events are counted
+     independently; the two counts must agree (``count_check``).
+   * saved activations: ``torch.autograd.graph.saved_tensors_hooks`` see every tensor autograd
+     saves in forward; bytes are summed per distinct storage (``untyped_storage().nbytes()``,
+     so a saved view pins its whole buffer, as it does in reality), excluding the weights'
+     storages.
+   * peak memory: on CPU, the profiler's ``[memory]`` events (every allocation and free by
+     torch's CPU allocator) are replayed in time order; ``peak_bytes`` is the highest live
+     total above the pass's start, ``held_after_fwd_bytes`` the live total when forward
+     returns. On CUDA, ``torch.cuda.max_memory_allocated`` above the start.
+
+2. **Timing**: forward, and forward + backward (with a fixed ``dy``; grads reset between runs).
+   CPU and multi-GPU: a barrier, then ``perf_counter`` around the pass (CUDA synchronised),
+   contenders interleaved in a rotating order within each repetition so drift hits all three
+   alike; a repetition's time is the slowest rank's. Single GPU: ``triton.testing.do_bench``
+   (median, p20, p80 of its own repetitions), plus cuBLAS (``torch.matmul``) on the base GEMM's
+   shapes for the "fraction of cuBLAS" figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+from .cases import CONTENDERS, DTYPES, Case, build, min_bytes, model_flops, roofline_ms
+
+__all__ = ["RunConfig", "count_collectives", "quantiles", "run_cases"]
+
+# torch.distributed collectives the wrapper records. Each is patched on the torch.distributed
+# namespace only: c10d's internal calls between them go through its own module globals, so a
+# call is never counted twice.
+_COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_single",
+    "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter_single", "broadcast",
+    "reduce", "all_to_all", "all_to_all_single", "gather", "scatter", "all_reduce_coalesced",
+    "all_gather_coalesced", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How the cases run (everything but the cases themselves).
+
+    Attributes:
+        device: ``"cpu"`` or ``"cuda"``.
+        backend: the fused path's backend: ``"auto"``, ``"triton"``, ``"interpret"``, ``"torch"``.
+        warmup: untimed repetitions first (CPU / multi-GPU loop).
+        reps: timed repetitions (CPU / multi-GPU loop).
+        ref_dropout: the reference's dropout, ``"bernoulli"`` or ``"philox"``.
+        lora_dtype: the fused path's LoRA weight dtype name (``"fp32"`` ...), None = activation's.
+        gpus: GPUs to use on CUDA (cases with tp > gpus are emulated on one).
+        pg_timeout_s: process-group timeout, so a hung collective fails the run.
+        do_bench_ms: ``(warmup, rep)`` milliseconds for triton's do_bench.
+        threads: CPU threads per rank; 0 = the cores divided by the ranks. Default 1: the ranks
+            share a few cores, and OpenMP's fork-join on every small op collapses when another
+            process takes a core (the Philox-heavy fused path at p > 0 ran 30x slower at TP 1
+            with 2 threads on a loaded 2-core machine).
+    """
+
+    device: str = "cpu"
+    backend: str = "auto"
+    warmup: int = 2
+    reps: int = 12
+    ref_dropout: str = "bernoulli"
+    lora_dtype: str | None = None
+    gpus: int = 0
+    pg_timeout_s: int = 300
+    do_bench_ms: tuple[int, int] = (25, 100)
+    threads: int = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+# ---------------------------------------------------------------------------------------------
+def quantiles(xs: list[float]) -> dict[str, float]:
+    """Median, p20 and p80 (linear interpolation) of ``xs``, in the same unit.
+
+    Example:
+        >>> quantiles([1.0, 2.0, 3.0, 4.0, 5.0])
+        {'median': 3.0, 'p20': 1.8, 'p80': 4.2}
+    """
+    s = sorted(xs)
+
+    def q(f: float) -> float:
+        if not s:
+            return math.nan
+        pos = f * (len(s) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    return {"median": q(0.5), "p20": q(0.2), "p80": q(0.8)}
+
+
+def _tensor_bytes(obj) -> int:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(o) for o in obj)
+    return 0
+
+
+@contextlib.contextmanager
+def count_collectives(log: list, phase: list):
+    """Record every ``torch.distributed`` collective called inside the block.
+
+    Each call appends ``{"op", "phase", "bytes"}`` to ``log``, where ``phase[0]`` is read at call
+    time (the caller flips it between forward and backward) and ``bytes`` is the largest tensor
+    argument's size (a tensor list counts as the sum of its tensors).
+
+    Args:
+        log: list to append to.
+        phase: one-element list holding the current phase name.
+
+    Example:
+        >>> log = []
+        >>> with count_collectives(log, ["fwd"]):
+        ...     pass
+        >>> log
+        []
+    """
+    import torch.distributed as dist
+
+    saved = {}
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            sizes = [_tensor_bytes(a) for a in (*args, *kwargs.values())]
+            log.append({"op": name, "phase": phase[0], "bytes": max(sizes, default=0)})
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for name in _COLLECTIVES:
+        fn = getattr(dist, name, None)
+        if callable(fn):
+            saved[name] = fn
+            setattr(dist, name, wrap(name, fn))
+    try:
+        yield log
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def _c10d_counts(prof, windows: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Dispatcher-level ``c10d::`` collective events per phase window (barriers excluded)."""
+    events = []
+    for e in prof.profiler.kineto_results.events():
+        n = e.name()
+        if n.startswith("c10d::") and "barrier" not in n:
+            events.append((e.start_ns(), e.end_ns()))
+    events.sort()
+    counts = dict.fromkeys(windows, 0)
+    outer_end = -1
+    for s, e in events:
+        if s < outer_end:  # nested inside the previous collective: the same call
+            continue
+        outer_end = e
+        for ph, (ws, we) in windows.items():
+            if ws <= s <= we:
+                counts[ph] += 1
+    return counts
+
+
+def _windows(prof) -> dict[str, tuple[int, int]]:
+    out = {}
+    for e in prof.profiler.kineto_results.events():
+        if e.name() in ("bench::fwd", "bench::bwd"):
+            out[e.name()[7:]] = (e.start_ns(), e.end_ns())
+    return out
+
+
+def _cpu_memory(prof, fwd_end_ns: int) -> tuple[int, int]:
+    """(peak live bytes above the start, live bytes at forward's end) from ``[memory]`` events."""
+    mem = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                 if e.name() == "[memory]" and e.device_type().name == "CPU")
+    live = peak = held = 0
+    for t, nb in mem:
+        live += nb
+        peak = max(peak, live)
+        if t <= fwd_end_ns:
+            held = live
+    return peak, held
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 briefly: kineto logs a USDT line at every profiler start/stop."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _reset_grads(built) -> None:
+    for t in built.grads:
+        t.grad = None
+
+
+def _measure_pass(built, name: str, device, measure_collectives: bool) -> dict:
+    """One instrumented forward + backward of contender ``name`` (see the module docstring)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    fn = built.contenders[name]
+    _reset_grads(built)
+    skip = {p.untyped_storage().data_ptr() for p in built.params}
+    saved: dict[int, tuple[int, str]] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            saved[st.data_ptr()] = (st.nbytes(), f"{list(t.shape)} {str(t.dtype)[6:]}")
+        return t
+
+    cuda = device.type == "cuda"
+    log: list = []
+    phase = ["fwd"]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=not cuda, record_shapes=False)
+    with _quiet_stderr():
+        prof.start()
+    try:
+        with count_collectives(log, phase):
+            with record_function("bench::fwd"):
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    y = fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                    held_cuda = torch.cuda.memory_allocated() - start
+            phase[0] = "bwd"
+            with record_function("bench::bwd"):
+                y.backward(built.dy)
+                if cuda:
+                    torch.cuda.synchronize()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    del y
+    windows = _windows(prof)
+    if cuda:
+        peak, held = torch.cuda.max_memory_allocated() - start, held_cuda
+    else:
+        peak, held = _cpu_memory(prof, windows["fwd"][1])
+    out = {"saved_bytes": sum(nb for nb, _ in saved.values()), "peak_bytes": peak, "held_after_fwd_bytes": held,
+           "saved_tensors": [f"{desc}: {nb} B" for nb, desc in saved.values()]}
+    if measure_collectives:
+        c10d = _c10d_counts(prof, windows)
+        coll = {}
+        for ph in ("fwd", "bwd"):
+            calls = [c for c in log if c["phase"] == ph]
+            coll[ph] = {"count": len(calls), "bytes": sum(c["bytes"] for c in calls),
+                        "ops": [f"{c['op']}:{c['bytes']}" for c in calls], "count_c10d": c10d[ph]}
+        coll["measured"] = True
+        coll["count_check"] = "ok" if all(coll[p]["count"] == coll[p]["count_c10d"] for p in ("fwd", "bwd")) \
+            else "mismatch"
+        out["collectives"] = coll
+    else:
+        out["collectives"] = {"measured": False}
+    _reset_grads(built)
+    return out
+
+
+def _check_fused(built, case: Case, group) -> float:
+    """Relative max error of the fused forward against the reference with the same Philox mask."""
+    import torch
+
+    from tplora_kernels.reference import column_parallel_lora_reference, row_parallel_lora_reference
+
+    ref = column_parallel_lora_reference if case.kind == "column" else row_parallel_lora_reference
+    x, (w, a, b) = built.x, built.params[:3]
+    sp = case.sp and not case.emulated
+    with torch.no_grad():
+        y_f = built.contenders["fused"]().float()
+        y_r = ref(x, w, a.float(), b.float(), scale=2.0, dropout_p=case.p, seed=0x5EED, sequence_parallel=sp,
+                  group=group, dropout="philox").float()
+    return float((y_f - y_r).abs().max() / y_r.abs().max().clamp_min(1e-30))
+
+
+def _time_loop(built, names, world: int, cfg: RunConfig, device) -> dict:
+    """Interleaved perf_counter timing; returns {(name, phase): [seconds per repetition]}."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    out = {(n, ph): [] for n in names for ph in ("fwd", "fwd_bwd")}
+    for i in range(cfg.warmup + cfg.reps):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            fn = built.contenders[n]
+            for ph in ("fwd", "fwd_bwd"):
+                _reset_grads(built)
+                sync()
+                if world > 1:
+                    dist.barrier()
+                t0 = time.perf_counter()
+                y = fn()
+                if ph == "fwd_bwd":
+                    y.backward(built.dy)
+                sync()
+                dt = time.perf_counter() - t0
+                del y
+                if i >= cfg.warmup:
+                    out[(n, ph)].append(dt)
+    _reset_grads(built)
+    return out
+
+
+def _do_bench(built, names, cfg: RunConfig) -> dict:
+    """triton.testing.do_bench per contender and phase; returns {(name, phase): quantiles in ms}."""
+    from triton.testing import do_bench
+
+    out = {}
+    w, r = cfg.do_bench_ms
+    for n in names:
+        fn = built.contenders[n]
+        out[(n, "fwd")] = do_bench(lambda fn=fn: fn(), warmup=w, rep=r, quantiles=[0.5, 0.2, 0.8],
+                                   grad_to_none=built.grads)
+        out[(n, "fwd_bwd")] = do_bench(lambda fn=fn: fn().backward(built.dy), warmup=w, rep=r,
+                                       quantiles=[0.5, 0.2, 0.8], grad_to_none=built.grads)
+    _reset_grads(built)
+    return {k: {"median": v[0], "p20": v[1], "p80": v[2]} for k, v in out.items()}
+
+
+def _cublas(case: Case, built, cfg: RunConfig) -> dict:
+    """do_bench of torch.matmul on the base GEMM's shapes: forward, and forward + dgrad."""
+    import torch
+    from triton.testing import do_bench
+
+    w = built.params[0]
+    loc = case.local
+    x = torch.randn(loc["rows"], loc["k"], dtype=w.dtype, device=w.device)
+    dy = torch.randn(loc["rows"], loc["n"], dtype=w.dtype, device=w.device)
+    wu, r = cfg.do_bench_ms
+    fwd = do_bench(lambda: torch.matmul(x, w.t()), warmup=wu, rep=r, quantiles=[0.5, 0.2, 0.8])
+    both = do_bench(lambda: (torch.matmul(x, w.t()), torch.matmul(dy, w)), warmup=wu, rep=r,
+                    quantiles=[0.5, 0.2, 0.8])
+    return {"fwd": fwd[0], "fwd_bwd": both[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank side
+# ---------------------------------------------------------------------------------------------
+def _rank_main(rank: int, world: int, port: int, cfg_d: dict, case_ds: list[dict], queue) -> None:
+    """Entry point of one spawned rank: run every case, rank 0 reports through ``queue``."""
+    try:
+        _rank_body(rank, world, port, RunConfig(**cfg_d), [Case(**c) for c in case_ds], queue)
+    except BaseException:
+        queue.put(("error", rank, traceback.format_exc()))
+        raise
+
+
+def _rank_body(rank: int, world: int, port: int, cfg: RunConfig, cases: list[Case], queue) -> None:
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    # torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor (the package's
+    # calls); one warning per rank per call site would bury the progress bar.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    timeout = timedelta(seconds=cfg.pg_timeout_s)
+    multi = cfg.device == "cpu" or world > 1  # CPU: a real gloo group even at TP 1
+    if cfg.device == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(cfg.threads or max(1, cores // world))
+        device = torch.device("cpu")
+        if multi:
+            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    else:
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        if multi:
+            dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timeout,
+                                    device_id=device)
+    group = dist.group.WORLD if dist.is_initialized() else None
+    lora_dtype = getattr(torch, DTYPES[cfg.lora_dtype]) if cfg.lora_dtype else None
+    names = list(CONTENDERS)
+    try:
+        for ci, case in enumerate(cases):
+            _case(rank, world, ci, case, cfg, device, group, lora_dtype, names, queue)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _gather_max(obj, world: int):
+    """Every rank's ``obj`` (a list of floats or a dict of ints), combined by elementwise max."""
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return obj
+    objs = [None] * world
+    dist.all_gather_object(objs, obj)
+    if isinstance(obj, dict):
+        return {k: max(o[k] for o in objs) for k in obj}
+    return [max(vals) for vals in zip(*objs)]
+
+
+def _case(rank, world, ci, case: Case, cfg: RunConfig, device, group, lora_dtype, names, queue) -> None:
+    import torch
+
+    def say(stage):
+        if rank == 0:
+            queue.put(("stage", ci, case.label, stage))
+
+    say("build")
+    built = build(case, group=None if case.emulated else group, rank=0 if case.emulated else rank, device=device,
+                  backend=cfg.backend, ref_dropout=cfg.ref_dropout, lora_dtype=lora_dtype, seed=1000 + ci)
+    check = _check_fused(built, case, None if case.emulated else group)
+    say("warm-up")
+    # One untimed forward + backward each first: autotuning, lazy initialisation and first-touch
+    # allocations must not land in the instrumented pass's memory figures.
+    for n in names:
+        built.contenders[n]().backward(built.dy)
+    _reset_grads(built)
+    say("instrumented pass")
+    measured = {}
+    for n in names:
+        m = _measure_pass(built, n, device, measure_collectives=not case.emulated)
+        mem = _gather_max({k: m[k] for k in ("saved_bytes", "peak_bytes", "held_after_fwd_bytes")}, world)
+        # saved_tensors stays rank 0's list; the byte counts above are the max over ranks.
+        measured[n] = {**m, **mem}
+    say("timing")
+    single = world == 1 and device.type == "cuda"
+    if single:
+        times = _do_bench(built, names, cfg)
+        timer = "triton.testing.do_bench"
+        cublas = _cublas(case, built, cfg)
+    else:
+        raw = _time_loop(built, names, world, cfg, device)
+        times = {k: quantiles([1e3 * s for s in _gather_max(v, world)]) for k, v in raw.items()}
+        timer = "perf_counter, max over ranks" if world > 1 else "perf_counter"
+        cublas = None
+    if rank != 0:
+        return
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    recs = []
+    for n in names:
+        rec = {"case": case.as_dict(), "label": case.label, "contender": n, "backend": built.backend,
+               "device": dev_name, "ranks": world, "timer": timer,
+               "threads_per_rank": torch.get_num_threads() if device.type == "cpu" else None}
+        for ph in ("fwd", "fwd_bwd"):
+            t = times[(n, ph)]
+            rec[f"{ph}_ms"] = t
+            fl = model_flops(case, n, ph)
+            rec[f"flops_{ph}"] = fl
+            rec[f"tflops_{ph}"] = fl / (t["median"] * 1e-3) / 1e12 if t["median"] > 0 else None
+            rec[f"min_bytes_{ph}"] = min_bytes(case, n, ph)
+            rec[f"roofline_ms_{ph}"] = roofline_ms(case, n, ph, dev_name)
+            if cublas is not None and n != "base":
+                rec[f"cublas_ms_{ph}"] = cublas[ph]
+                base_fl = model_flops(case, "base", ph)
+                rec[f"cublas_frac_{ph}"] = (rec[f"tflops_{ph}"] / (base_fl / (cublas[ph] * 1e-3) / 1e12)
+                                            if rec[f"tflops_{ph}"] else None)
+        rec.update(measured[n])
+        if n == "fused":
+            rec["check_rel_err_vs_reference"] = check
+        recs.append(rec)
+    queue.put(("done", ci, case.label, recs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _world_of(case: Case, cfg: RunConfig) -> int:
+    if case.emulated:
+        return 1
+    return case.tp
+
+
+def run_cases(cases: list[Case], cfg: RunConfig, on_event=None) -> list[dict]:
+    """Run ``cases`` on spawned ranks and return one record per (case, contender).
+
+    Args:
+        cases: from ``cases.matrix`` (emulated cases run in one process).
+        cfg: the run configuration.
+        on_event: optional callback ``(kind, case_index, label, payload)`` with kind ``"stage"``
+            (payload: what is running) or ``"done"`` (payload: the case's records); indices count
+            over ``cases``.
+
+    Returns:
+        The records, in case order.
+
+    Raises:
+        RuntimeError: a rank failed (its traceback is in the message).
+    """
+    import torch.multiprocessing as mp
+
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(cases):
+        groups.setdefault(_world_of(c, cfg), []).append(i)
+    results: dict[int, list[dict]] = {}
+    for world, idx in groups.items():
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        sub = [asdict(cases[i]) for i in idx]
+        pc = mp.spawn(_rank_main, args=(world, _free_port(), asdict(cfg), sub, queue), nprocs=world, join=False)
+        errors: list[str] = []
+
+        def drain(queue=queue, idx=idx, errors=errors):
+            while True:
+                try:
+                    msg = queue.get_nowait()
+                except Exception:  # queue.Empty, or a closed queue after a crash
+                    return
+                kind = msg[0]
+                if kind == "error":
+                    errors.append(f"rank {msg[1]}:\n{msg[2]}")
+                    continue
+                _, local, label, payload = msg
+                if kind == "done":
+                    results[idx[local]] = payload
+                if on_event is not None:
+                    on_event(kind, idx[local], label, payload)
+
+        try:
+            while not pc.join(timeout=0.2):
+                drain()
+        except Exception as e:
+            drain()
+            raise RuntimeError(f"a bench rank failed (world={world}): {e}\n" + "\n".join(errors)) from e
+        finally:  # Ctrl-C or a failure: leave no rank behind
+            for proc in pc.processes:
+                if proc.is_alive():
+                    proc.terminate()
+        drain()
+    return [r for i in sorted(results) for r in results[i]]
