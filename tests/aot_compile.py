@@ -80,7 +80,7 @@ def variants(quick: bool):
         common = {"INTERP_BF16": False, "PRECISION": prec, "BLOCK_R": 16}
         w = "fp32"  # LoRA weights in fp32 with 16-bit activations: the mixed case
         for thr in ((6554,) if quick else (0, 6554)):
-            drop = {"THR": thr, "HAS_DROPOUT": thr > 0}
+            drop = {"THR": thr, "HAS_DROPOUT": thr > 0, "PACKED": True}
             tiles = L._SHRINK_CONFIGS[0]
             # COPY_X is the column-SP variant (it packs [x_i | u_i] for the all-gather).
             yield ("shrink_fwd", K._lora_shrink_fwd_kernel,

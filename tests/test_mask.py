@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tplora_kernels import mask as M
 from tplora_kernels.ops import launch as L
-from tplora_kernels.ops.kernels import _keep
+from tplora_kernels.ops.kernels import _keep, _keep8
 
 # Offsets that stress the counter layout (col >> 3, row, row >> 32, col >> 35): not multiples of 8,
 # blocks straddling 2^31, 2^32 (the row word) and 2^35 (the column's high word), and far beyond.
@@ -238,3 +238,31 @@ def test_sub_block_is_slice_of_block(seed, row0, col0, rows, cols, data):
     assert torch.equal(sub, big[i:i + h, j:j + w]), (
         f"mask of block at ({row0 + i:#x}, {col0 + j:#x}) [{h}x{w}] != slice [{i}:{i + h}, {j}:{j + w}] of the "
         f"block at ({row0:#x}, {col0:#x}), seed {seed:#x}: {_first_diff(sub, big[i:i + h, j:j + w])}")
+
+
+@triton.jit
+def _keep8_probe_kernel(p_seed, p_out, row0, g0, THR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # The kernels' packed mask (one Philox call per 8 columns): [BM, BN] block at (row0, 8·g0).
+    seed = tl.load(p_seed)
+    o_m = tl.arange(0, BM)
+    o_n = tl.arange(0, BN)
+    keep = _keep8(seed, row0 + o_m.to(tl.int64), g0, BN, THR)
+    tl.store(p_out + o_m[:, None] * BN + o_n[None, :], keep.to(tl.int8))
+
+
+@settings(max_examples=60)
+@given(seed=st.integers(0, 2**63 - 1), row0=st.integers(0, 2**44), g0=st.integers(0, 2**41),
+       thr=st.integers(1, 2**16 - 1))
+@example(seed=2**63 - 1, row0=2**32 - 3, g0=2**32 - 1, thr=2**15)
+@example(seed=12345, row0=0, g0=0, thr=1)
+def test_packed_kernel_keep_is_torch_keep_mask(kernel_backend, seed, row0, g0, thr):
+    """_keep8 (8 columns per Philox call, lanes re-interleaved) gives exactly keep_mask's bits."""
+    device = _device(kernel_backend)
+    out = torch.full((8, 32), -1, dtype=torch.int8, device=device)
+    _keep8_probe_kernel[(1,)](torch.tensor([seed], dtype=torch.int64, device=device), out, row0, g0, THR=thr,
+                              BM=8, BN=32)
+    got = out.bool().cpu()
+    want = M.keep_mask(seed, row0, 8, 8 * g0, 32, thr)
+    assert bool(((out == 0) | (out == 1)).all()), "packed probe left unwritten elements"
+    assert torch.equal(got, want), (f"kernel _keep8 != keep_mask at seed={seed:#x} row0={row0:#x} col0={8 * g0:#x} "
+                                    f"thr={thr}: {_first_diff(got, want)}")

@@ -215,7 +215,8 @@ def lora_shrink_fwd(x: torch.Tensor, lora_a: torch.Tensor, *, seed: torch.Tensor
     fn, meta = _kernel("shrink_fwd", _k._lora_shrink_fwd_kernel, backend, _SHRINK_CONFIGS)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]),)  # noqa: E731
     fn[grid](x, lora_a, out, seed_t, xo, T, K, R, rpc, *_rs(x, rpc), *lora_a.stride(), *_rs(out, rpc),
-             *_rs(xo, rpc), row0, col0, inv_keep, THR=thr, HAS_DROPOUT=thr > 0, COPY_X=x_out is not None,
+             *_rs(xo, rpc), row0, col0, inv_keep, THR=thr, HAS_DROPOUT=thr > 0, PACKED=col0 % 8 == 0,
+             COPY_X=x_out is not None,
              INTERP_BF16=_interp_bf16(x.dtype, backend),
              PRECISION=_precision(x.dtype, backend), BLOCK_K=_RED[x.dtype], BLOCK_R=_block_r(R), **meta)
     return out
@@ -396,8 +397,8 @@ def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lor
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),)  # noqa: E731
     fn[grid](dy, weight, du, lora_a, out, seed_t, T, N, K, R, rpc, *_rs(dy, rpc), *weight.stride(),
              *_rs(du, rpc), *lora_a.stride(), *_rs(out, rpc), row0, col0, inv_keep, THR=thr,
-             HAS_DROPOUT=thr > 0, INTERP_BF16=_interp_bf16(dy.dtype, backend), PRECISION=_precision(dy.dtype, backend),
-             BLOCK_N=_RED[dy.dtype], BLOCK_R=_block_r(R), GROUP_M=8, **meta)
+             HAS_DROPOUT=thr > 0, PACKED=col0 % 8 == 0, INTERP_BF16=_interp_bf16(dy.dtype, backend),
+             PRECISION=_precision(dy.dtype, backend), BLOCK_N=_RED[dy.dtype], BLOCK_R=_block_r(R), GROUP_M=8, **meta)
     return out
 
 
@@ -457,6 +458,7 @@ def lora_shrink_bwd(du: torch.Tensor, x: torch.Tensor, *, seed: torch.Tensor | N
     fn, meta = _kernel("shrink_bwd", _k._lora_shrink_bwd_kernel, backend, _SHRINK_BWD_CONFIGS)
     grid = lambda m: (triton.cdiv(K, m["BLOCK_K"]), splits)  # noqa: E731
     fn[grid](du, x, part, seed_t, T, K, R, rpc, _ROWS_PER_SPLIT, *_rs(du, rpc), *_rs(x, rpc), *part.stride(),
-             row0, col0, inv_keep, THR=thr, HAS_DROPOUT=thr > 0, INTERP_BF16=_interp_bf16(x.dtype, backend),
+             row0, col0, inv_keep, THR=thr, HAS_DROPOUT=thr > 0, PACKED=col0 % 8 == 0,
+             INTERP_BF16=_interp_bf16(x.dtype, backend),
              PRECISION=_precision(x.dtype, backend), BLOCK_M=_ROW_RED, BLOCK_R=_block_r(R), **meta)
     return part[0] if splits == 1 else part.sum(0)
