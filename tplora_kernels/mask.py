@@ -97,16 +97,21 @@ def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, 
     """
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     k0, k1 = seed & _M32, seed >> 32
-    for _ in range(rounds):
-        pb = c2 * _ROUND_B
-        pa = c0 * _ROUND_A
-        c0 = ((pb >> 32) & _M32) ^ c1 ^ k0
-        c2 = ((pa >> 32) & _M32) ^ c3 ^ k1
-        c1 = pb & _M32
-        c3 = pa & _M32
+    # Words carry garbage above bit 31 between rounds; only a multiplier's operand must be clean,
+    # so each round masks 2 tensors instead of 4, and the outputs are masked once at the end.
+    for i in range(rounds):
+        pa = (c0 & _M32) * _ROUND_A
+        pb = (c2 & _M32) * _ROUND_B
+        if i < 2:  # the counters still broadcast (row vectors x column vectors): out of place
+            c0 = (pb >> 32) ^ c1 ^ k0
+            c2 = (pa >> 32) ^ c3 ^ k1
+        else:
+            c0 = (pb >> 32).bitwise_xor_(c1).bitwise_xor_(k0)
+            c2 = (pa >> 32).bitwise_xor_(c3).bitwise_xor_(k1)
+        c1, c3 = pb, pa
         k0 = (k0 + _KEY_A) & _M32
         k1 = (k1 + _KEY_B) & _M32
-    return c0, c1, c2, c3
+    return c0 & _M32, c1 & _M32, c2 & _M32, c3 & _M32
 
 
 def _keep_groups(seed: int, rows: torch.Tensor, groups: torch.Tensor, thr: int) -> torch.Tensor:
