@@ -230,3 +230,38 @@ def empty_tokens(ctx, kind: str, sp: bool, opt: bool, backend: str):
     y.sum().backward()
     return {"y": tuple(y.shape), "dx": tuple(x.grad.shape), "dA": float(q["lora_a"].grad.abs().sum()),
             "dB": float(q["lora_b"].grad.abs().sum())}
+
+
+def bad_adapter_file(ctx, path: str):
+    """load_adapter of a file whose shapes do not fit: same error on every rank, model untouched."""
+    import json
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import ModelParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from safetensors.torch import save_file
+
+    from tplora_kernels import ColumnParallelLoRA, load_adapter
+
+    cfg = ModelParallelConfig(tensor_model_parallel_size=ctx.tp, use_cpu_initialization=True)
+    model = torch.nn.Module()
+    model.fc1 = ColumnParallelLoRA(ColumnParallelLinear(16, 8, config=cfg, init_method=torch.nn.init.xavier_normal_,
+                                                        bias=False, gather_output=False, tp_group=ctx.group), r=4)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
+    if ctx.rank == 0:  # full A must be [4, 16]; this one is [4, 12]
+        os.makedirs(path, exist_ok=True)
+        save_file({"base_model.model.fc1.lora_A.weight": torch.zeros(4, 12),
+                   "base_model.model.fc1.lora_B.weight": torch.zeros(8, 4)},
+                  os.path.join(path, "adapter_model.safetensors"))
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["fc1"]}, f)
+    dist.barrier(group=ctx.group)
+    try:
+        load_adapter(model, path, adapter_name="other")
+        err = None
+    except ValueError as e:
+        err = str(e)
+    after = {k: v for k, v in model.state_dict().items() if "lora" in k}
+    untouched = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    return {"error": err, "untouched": untouched, "adapters": sorted(model.fc1.lora_A)}

@@ -74,6 +74,17 @@ def test_merge_misuse_warns_and_keeps_weights(dist_pool, case):
         assert res["weight_intact"], f"{case} rank {r}: base weight changed (corrupted)"
 
 
+def test_adapter_that_does_not_fit_is_refused_on_every_rank(dist_pool, tmp_path):
+    res = dist_pool.run(C.bad_adapter_file, TP, timeout=NO_HANG_S, path=str(tmp_path / "bad"))
+    errors = {r["error"] for r in res}
+    assert len(errors) == 1 and None not in errors, f"ranks must raise the same error, got {errors}"
+    msg = errors.pop()
+    for word in ("fc1", "[4, 16]", "[4, 12]"):
+        assert word in msg, f"message {msg!r} lacks {word!r}"
+    for r, v in enumerate(res):
+        assert v["untouched"] and v["adapters"] == ["default"], f"rank {r}: a refused load changed the model: {v}"
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Odd but valid inputs match the unfused reference (same mask), NaN/Inf propagate alike.
 # ---------------------------------------------------------------------------------------------

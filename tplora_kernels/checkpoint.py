@@ -231,7 +231,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
     mods = lora_modules(model)
     if not mods:
         raise ValueError("model must contain ColumnParallelLoRA/RowParallelLoRA modules; found none")
-    used, loaded, missing = set(), [], []
+    # Check every layer first, then change the model: a bad file leaves the model untouched, and
+    # since every rank reads the same file, every rank raises the same error.
+    used, plan, missing = set(), [], []
     for mod_name, m in mods:
         ka, kb = _key(mod_name, "lora_A"), _key(mod_name, "lora_B")
         if ka not in tensors or kb not in tensors:
@@ -244,19 +246,26 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         if r != want_r:
             raise ValueError(f"{ka}: rank {r} (shape {list(a.shape)}) disagrees with adapter_config.json "
                              f"(r/rank_pattern give {want_r})")
+        want_a, want_b = (r, m.in_features), (m.out_features, r)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise ValueError(f"{ka}/{kb}: the adapter does not fit layer {mod_name!r}: expected full A {list(want_a)} "
+                             f"and B {list(want_b)}, got {list(a.shape)} and {list(b.shape)}")
         alpha = pattern_value(cfg.get("alpha_pattern"), plain, cfg.get("lora_alpha", r))
-        m._create_adapter(adapter_name, r, lora_alpha=alpha, lora_dropout=float(cfg.get("lora_dropout", 0.0)),
-                          use_rslora=bool(cfg.get("use_rslora", False)))
-        m.load_full_factors(adapter_name, a, b)
-        if activate:
-            m.set_adapter(adapter_name)
+        plan.append((mod_name, m, r, alpha, a, b))
         used.update((ka, kb))
-        loaded.append(mod_name)
     unused = sorted(k for k in tensors if k not in used)
     if strict and (missing or unused):
         raise ValueError(f"load_adapter(strict=True): {len(missing)} layer(s) without tensors in {path} "
                          f"(e.g. {missing[:3]}) and {len(unused)} tensor(s) without a layer (e.g. {unused[:3]}); "
                          "check module names, or pass strict=False")
+    loaded = []
+    for mod_name, m, r, alpha, a, b in plan:
+        m._create_adapter(adapter_name, r, lora_alpha=alpha, lora_dropout=float(cfg.get("lora_dropout", 0.0)),
+                          use_rslora=bool(cfg.get("use_rslora", False)))
+        m.load_full_factors(adapter_name, a, b)
+        if activate:
+            m.set_adapter(adapter_name)
+        loaded.append(mod_name)
     return loaded
 
 
