@@ -256,52 +256,32 @@ def _tensors(case: Case, rank: int, device, dtype, lora_dtype, seed: int):
             put(b, lora_dtype).requires_grad_(True), a_ref, b_ref, put(dy, dtype))
 
 
-def _build_column(case: Case, *, group, rank, device, backend, ref_dropout, lora_dtype, seed) -> Built:
+def _build(case: Case, *, group, rank, device, backend, ref_dropout, lora_dtype, seed) -> Built:
     import torch
 
     import tplora_kernels as tk
     from tplora_kernels.mappings import base_parallel_linear
-    from tplora_kernels.reference import column_parallel_lora_reference
+    from tplora_kernels.reference import column_parallel_lora_reference, row_parallel_lora_reference
 
     dtype = getattr(torch, DTYPES[case.dtype])
     x, w, a, b, a_ref, b_ref, dy = _tensors(case, rank, device, dtype, lora_dtype, seed)
     scale, p, sp = 2.0, case.p, case.sp and not case.emulated
     seed_t = torch.tensor([0x5EED], dtype=torch.int64, device=device)
     be = tk.resolve_backend(device, backend)
+    # Column runs without gather_output, row with input_is_parallel: Megatron's usual pairing.
+    mode = {} if case.kind == "column" else {"input_is_parallel": True}
+    ref, fused = ((column_parallel_lora_reference, tk.column_parallel_lora) if case.kind == "column"
+                  else (row_parallel_lora_reference, tk.row_parallel_lora))
+    common = dict(sequence_parallel=sp, group=group, **mode)
     return Built(x, dy, [w, a, b, a_ref, b_ref], [x, a, b, a_ref, b_ref], {
-        "base": lambda: base_parallel_linear(x, w, kind="column", sequence_parallel=sp, group=group),
-        "reference": lambda: column_parallel_lora_reference(
-            x, w, a_ref, b_ref, scale=scale, dropout_p=p, seed=0x5EED, sequence_parallel=sp, group=group,
-            dropout=ref_dropout),
-        "fused": lambda: tk.column_parallel_lora(x, w, a, b, scale=scale, dropout_p=p, seed=seed_t,
-                                                 sequence_parallel=sp, group=group, backend=be),
+        "base": lambda: base_parallel_linear(x, w, kind=case.kind, **common),
+        "reference": lambda: ref(x, w, a_ref, b_ref, scale=scale, dropout_p=p, seed=0x5EED, dropout=ref_dropout,
+                                 **common),
+        "fused": lambda: fused(x, w, a, b, scale=scale, dropout_p=p, seed=seed_t, backend=be, **common),
     }, be)
 
 
-def _build_row(case: Case, *, group, rank, device, backend, ref_dropout, lora_dtype, seed) -> Built:
-    import torch
-
-    import tplora_kernels as tk
-    from tplora_kernels.mappings import base_parallel_linear
-    from tplora_kernels.reference import row_parallel_lora_reference
-
-    dtype = getattr(torch, DTYPES[case.dtype])
-    x, w, a, b, a_ref, b_ref, dy = _tensors(case, rank, device, dtype, lora_dtype, seed)
-    scale, p, sp = 2.0, case.p, case.sp and not case.emulated
-    seed_t = torch.tensor([0x5EED], dtype=torch.int64, device=device)
-    be = tk.resolve_backend(device, backend)
-    return Built(x, dy, [w, a, b, a_ref, b_ref], [x, a, b, a_ref, b_ref], {
-        "base": lambda: base_parallel_linear(x, w, kind="row", sequence_parallel=sp, input_is_parallel=True,
-                                             group=group),
-        "reference": lambda: row_parallel_lora_reference(
-            x, w, a_ref, b_ref, scale=scale, dropout_p=p, seed=0x5EED, sequence_parallel=sp, input_is_parallel=True,
-            group=group, dropout=ref_dropout),
-        "fused": lambda: tk.row_parallel_lora(x, w, a, b, scale=scale, dropout_p=p, seed=seed_t,
-                                              sequence_parallel=sp, input_is_parallel=True, group=group, backend=be),
-    }, be)
-
-
-KINDS: dict[str, Callable[..., Built]] = {"column": _build_column, "row": _build_row}
+KINDS: dict[str, Callable[..., Built]] = {"column": _build, "row": _build}
 
 
 def build(case: Case, *, group, device, backend: str, rank: int = 0, ref_dropout: str = "bernoulli",
