@@ -653,8 +653,13 @@ def _standalone_worker(rank: int, world: int, port: int, fn_name: str, out_path:
         res = globals()[fn_name](rank, **kwargs)
         if rank == 0:
             torch.save(res, out_path)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Done and saved: leave without interpreter teardown. Megatron's checkpoint writer can leave a
+    # joinable C++ thread behind, whose destructor at exit aborts the process now and then
+    # ("terminate called without an active exception"), after the work has finished.
+    os._exit(0)
 
 
 def run_standalone(fn, world: int, out_path: str, timeout: float = 240.0, **kwargs):
