@@ -35,15 +35,23 @@ class CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return D.all_reduce_(g.contiguous().clone(), ctx.group), None
+        # One copy: g may be the caller's own gradient tensor, which must not change.
+        return D.all_reduce_(g.clone(memory_format=torch.contiguous_format), ctx.group), None
 
 
 class ReduceFromRegion(torch.autograd.Function):
-    """Forward all-reduce, backward identity."""
+    """Forward all-reduce, backward identity.
+
+    Like Megatron's, it reduces its input in place: callers pass a fresh partial product (the
+    base layer's ``x_i W_iᵀ``), so a copy would only add a T×N pass to the base's time.
+    """
 
     @staticmethod
     def forward(ctx, x, group):
-        return D.all_reduce_(x.contiguous().clone(), group)
+        if not x.is_contiguous():
+            return D.all_reduce_(x.contiguous(), group)
+        ctx.mark_dirty(x)
+        return D.all_reduce_(x, group)
 
     @staticmethod
     def backward(ctx, g):
