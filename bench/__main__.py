@@ -14,17 +14,22 @@ _CPU_DEFAULTS = {"tokens": 1024, "d_in": 1024, "d_out": 1024, "r": 16, "p": "0,0
 _CUDA_DEFAULTS = {"tokens": 8192, "d_in": 4096, "d_out": 4096, "r": 16, "p": "0,0.1", "dtype": "bf16",
                   "warmup": 5, "reps": 30}
 _QUICK = {"tokens": 64, "d_in": 64, "d_out": 64, "r": 8, "p": "0.1", "warmup": 1, "reps": 3}
+# `time python -m bench` on the idle 2-core VM of bench/NOTES.md; README says the same.
+DEFAULT_RUN_MINUTES = "2.5"
 
 _EPILOG = """\
-Three contenders per case: the frozen base layer alone (the floor), the unfused reference
-(PEFT's LoraParallelLinear structure: materialised dropout, fp32 LoRA weights, its own
-collective) and the fused tplora_kernels path. Shapes are the FULL layer (--in K, --out N);
-each rank builds its shard (column: W_i [N/t, K]; row: W_i [N, K/t]).
+Contenders per case: the frozen base layer alone (the floor); "reference", our torch emulation of
+PEFT's LoraParallelLinear structure (materialised dropout, fp32 LoRA weights, its own collective);
+"peft", PEFT's own LoraParallelLinear on megatron-core layers (where it runs: SP off on CPU); and
+"fused", tplora_kernels. Shapes are the FULL layer (--in K, --out N); each rank builds its shard
+(column: W_i [N/t, K]; row: W_i [N, K/t]).
 
-Defaults: CPU fp32, T=1024, K=N=1024, r=16, p in {0, 0.1}, TP 1,2,4 on gloo, SP off/on,
-one thread per rank (20 cases, about 2.5 minutes on an idle 2-core machine).
-CUDA: triton backend, bf16, T=8192, K=N=4096; TP sizes beyond the GPU count run each
-rank's shard shapes on one GPU (collectives "not measured").
+Defaults: CPU fp32, T=1024, K=N=1024, r=16, p in {0, 0.1}, TP 1,2,4 on gloo, SP off/on, one
+thread per rank: 20 cases, about {minutes} minutes on an idle 2-core machine. On CPU the fused path
+runs the torch backend: CPU times show the structure (collectives, saved bytes), not GPU speed.
+CUDA: triton backend, bf16, T=8192, K=N=4096; TP sizes beyond the GPU count run each rank's
+shard shapes on one GPU (collectives "not measured"). The GPU speed targets (fused fwd+bwd <=
+1.05x the base layer, >= 1.45x faster than the reference) are judged on such runs only.
 
 Writes bench.json, bench.csv and bench.png under --out-dir, and a table on stdout.
 Examples:
@@ -32,15 +37,15 @@ Examples:
   python -m bench --quick --tp 1,2
   python -m bench --kind row --tp 2 --sp on --tokens 2048 --p 0.1
   python -m bench --tp 1,2,4 --dtype bf16 --backend triton --out-dir bench_out/h200
-"""
+""".replace("{minutes}", DEFAULT_RUN_MINUTES)
 
 
-def _csv(kind):
+def _csv(kind, what: str):
     def parse(s: str):
         try:
-            return [kind(x) for x in s.split(",") if x.strip()]
+            return [kind(x.strip()) for x in s.split(",") if x.strip()]
         except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from e
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from e
 
     return parse
 
@@ -51,33 +56,33 @@ def _onoff(s: str) -> bool:
         return True
     if s in ("off", "false", "0", "no"):
         return False
-    raise ValueError(f"expected on/off, got {s!r}")
+    raise ValueError(s)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (no heavy imports happen before this returns)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (no heavy imports)."""
     ap = argparse.ArgumentParser(prog="python -m bench", description="Fused TP-LoRA benchmark: frozen base vs "
-                                 "unfused reference vs fused, per tensor-parallel mode.", epilog=_EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 "unfused reference vs PEFT's own layer vs fused, per tensor-parallel mode.",
+                                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("matrix")
-    g.add_argument("--tp", type=_csv(int), default=[1, 2, 4], help="TP sizes (default 1,2,4)")
-    g.add_argument("--kind", type=_csv(str), default=["column", "row"], help="column,row (default both)")
-    g.add_argument("--sp", type=_csv(_onoff), default=[False, True],
+    g.add_argument("--tp", type=_csv(int, "integers"), default=[1, 2, 4], help="TP sizes (default 1,2,4)")
+    g.add_argument("--kind", type=_csv(str, "kinds"), default=["column", "row"], help="column,row (default both)")
+    g.add_argument("--sp", type=_csv(_onoff, "on/off values"), default=[False, True],
                    help="sequence parallelism off,on (default both; skipped at TP 1)")
     g.add_argument("--tokens", type=int, help="T, tokens per batch (CPU 1024, CUDA 8192)")
     g.add_argument("--in", dest="d_in", type=int, help="K, the layer's full input features (CPU 1024, CUDA 4096)")
     g.add_argument("--out", dest="d_out", type=int, help="N, the layer's full output features (CPU 1024, "
                    "CUDA 4096). The output DIRECTORY is --out-dir")
     g.add_argument("--r", type=int, help="LoRA rank (16)")
-    g.add_argument("--p", type=str, help="dropout probabilities, comma-separated (0,0.1)")
+    g.add_argument("--p", type=_csv(float, "numbers"), help="dropout probabilities, comma-separated (0,0.1)")
     g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="activation dtype (auto: fp32 on CPU, bf16 on CUDA)")
     g.add_argument("--quick", action="store_true", help="tiny smoke config: T=K=N=64, r=8, p=0.1, 1 warm-up, "
-                   "3 reps (explicit options still win)")
+                   "3 reps (explicit options still win); too small for its times to mean anything")
     r = ap.add_argument_group("run")
-    r.add_argument("--backend", choices=["auto", "triton", "interpret", "torch"], default="auto",
-                   help="the fused path's backend (auto: triton on CUDA, torch on CPU; interpret = Triton "
-                   "kernels on CPU, tiny shapes only)")
+    r.add_argument("--backend", choices=["auto", "triton", "cublas", "interpret", "torch"], default="auto",
+                   help="the fused path's backend (auto: the package's choice, triton or cublas on CUDA, torch "
+                   "on CPU; interpret = Triton kernels on CPU, tiny shapes only)")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     r.add_argument("--gpus", type=int, help="GPUs to use on CUDA (default: all); TP sizes above it are emulated")
     r.add_argument("--threads", type=int, default=1, help="CPU threads per rank (default 1: steady when ranks share "
@@ -88,24 +93,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reference dropout: nn.Dropout as PEFT runs it, or the package's Philox mask")
     r.add_argument("--lora-dtype", choices=["act", "fp32", "fp16", "bf16"], default="act",
                    help="the fused path's LoRA weight dtype (act = the activation dtype, the modules' default); "
-                   "the reference always keeps PEFT's fp32")
+                   "the reference and PEFT's layer always keep PEFT's fp32")
+    r.add_argument("--no-peft", action="store_true", help="skip PEFT's own LoraParallelLinear")
     r.add_argument("--out-dir", "-o", type=Path, default=Path("bench_out"), help="results directory (bench_out)")
     r.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar or per-case lines")
     r.add_argument("--list", action="store_true", help="print the cases and exit")
-    return ap.parse_args(argv)
+    return ap
 
 
-def _resolve(args: argparse.Namespace) -> tuple[str, dict]:
+# (option, attribute, least value): every count the bench takes, checked before any rank starts.
+_MINIMA = (("--tokens", "tokens", 1), ("--in", "d_in", 1), ("--out", "d_out", 1), ("--r", "r", 1),
+           ("--threads", "threads", 0), ("--warmup", "warmup", 0), ("--reps", "reps", 1), ("--gpus", "gpus", 1))
+
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, with argparse's one-line usage error (exit status 2), values no case could run with."""
+    for opt, attr, least in _MINIMA:
+        v = getattr(args, attr)
+        if v is not None and v < least:
+            ap.error(f"{opt} must be >= {least}, got {v}")
+    for opt, vals in (("--tp", args.tp), ("--kind", args.kind), ("--sp", args.sp), ("--p", args.p)):
+        if vals is not None and not vals:
+            ap.error(f"{opt} needs at least one value")
+    if bad := [t for t in args.tp if t < 1]:
+        ap.error(f"--tp must be >= 1, got {bad[0]}")
+    if bad := [k for k in args.kind if k not in ("column", "row")]:
+        ap.error(f"--kind must be column and/or row, got {bad[0]!r}")
+    if bad := [p for p in args.p or () if not 0.0 <= p < 1.0]:
+        ap.error(f"--p must be in [0, 1), got {bad[0]:g}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line (no heavy imports happen before this returns)."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    return args
+
+
+def _resolve(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, dict]:
     import torch
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and args.backend not in ("interpret", "torch") else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
-    if device == "cpu" and args.backend == "triton":
-        raise SystemExit("--backend triton needs CUDA; on CPU use torch or interpret")
+        ap.error("--device cuda: no CUDA device here")
+    if device == "cpu" and args.backend in ("triton", "cublas"):
+        ap.error(f"--backend {args.backend} needs CUDA; on CPU use torch or interpret")
     vals = dict(_CUDA_DEFAULTS if device == "cuda" else _CPU_DEFAULTS)
     if args.quick:
         vals.update(_QUICK)
@@ -115,17 +151,19 @@ def _resolve(args: argparse.Namespace) -> tuple[str, dict]:
             vals[k] = v
     if args.dtype != "auto":
         vals["dtype"] = args.dtype
-    vals["p"] = [float(x) for x in str(vals["p"]).split(",") if x.strip()]
+    if isinstance(vals["p"], str):
+        vals["p"] = [float(x) for x in vals["p"].split(",")]
     return device, vals
 
 
 class _Progress:
-    """tqdm on the parent (fed by rank 0), or one line per step when tqdm is missing."""
+    """A tqdm bar on a terminal (fed by rank 0); otherwise one plain line per finished case, no ``\\r``."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.done, self.bar = total, 0, None
         self.enabled = enabled
-        if enabled:
+        self.t0 = time.perf_counter()
+        if enabled and sys.stdout.isatty() and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 
@@ -144,8 +182,8 @@ class _Progress:
                 self.bar.update(1)
             else:
                 self.bar.set_postfix_str(str(payload))
-        else:
-            print(f"[{self.done}/{self.total}] {label}: {payload if kind != 'done' else 'done'}", file=sys.stderr,
+        elif kind == "done":
+            print(f"[{self.done}/{self.total}] {label} done ({time.perf_counter() - self.t0:.0f} s)", file=sys.stderr,
                   flush=True)
 
     def close(self) -> None:
@@ -155,7 +193,9 @@ class _Progress:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the bench; returns the process exit code (0 even when a target is missed)."""
-    args = parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
     if args.backend == "interpret":
         # Must precede the first triton import (here and, inherited, in every spawned rank).
         os.environ["TRITON_INTERPRET"] = "1"
@@ -163,24 +203,27 @@ def main(argv: list[str] | None = None) -> int:
     from .cases import matrix
     from .runner import RunConfig, run_cases
 
-    device, v = _resolve(args)
+    device, v = _resolve(ap, args)
     import torch
 
     gpus = (args.gpus if args.gpus is not None else torch.cuda.device_count()) if device == "cuda" else 0
     cases = []
-    for tp in args.tp:
-        emulate = device == "cuda" and tp > max(gpus, 1)
-        cases += matrix(kinds=args.kind, tps=[tp], sps=args.sp, tokens=v["tokens"], d_in=v["d_in"],
-                        d_out=v["d_out"], r=v["r"], ps=v["p"], dtype=v["dtype"], emulate=emulate)
+    try:
+        for tp in args.tp:
+            emulate = device == "cuda" and tp > max(gpus, 1)
+            cases += matrix(kinds=args.kind, tps=[tp], sps=args.sp, tokens=v["tokens"], d_in=v["d_in"],
+                            d_out=v["d_out"], r=v["r"], ps=v["p"], dtype=v["dtype"], emulate=emulate)
+    except ValueError as e:  # a shape that does not shard (Case says which)
+        ap.error(str(e))
     if not cases:
-        raise SystemExit("no cases to run (SP needs TP > 1, and an emulated TP size has no SP)")
+        ap.error("no cases to run (SP needs TP > 1, and an emulated TP size has no SP)")
     if args.list:
         for c in cases:
             print(c.label, "(emulated)" if c.emulated else "")
         return 0
     cfg = RunConfig(device=device, backend=args.backend, warmup=v["warmup"], reps=v["reps"],
                     ref_dropout=args.ref_dropout, lora_dtype=None if args.lora_dtype == "act" else args.lora_dtype,
-                    gpus=gpus, threads=args.threads)
+                    gpus=gpus, threads=args.threads, peft=not args.no_peft)
     started = datetime.now(timezone.utc)
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
@@ -203,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report.write_json(args.out_dir / "bench.json", meta, records, tgt)
     report.write_csv(args.out_dir / "bench.csv", records)
-    plotted = not args.no_plot and report.plot(args.out_dir / "bench.png", records)
+    plotted = not args.no_plot and report.plot(args.out_dir / "bench.png", records,
+                                               report.plot_title(meta, records))
     backends = ",".join(meta["backend"])
     print(f"tplora bench  {started:%Y-%m-%d %H:%M} UTC  device={device} backend={backends} dtype={v['dtype']} "
           f"T={v['tokens']} K={v['d_in']} N={v['d_out']} r={v['r']}  commit={(meta['git']['commit'] or '?')[:10]}"
@@ -213,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: the load average exceeded the {cores} cores during the run: other work shared the CPU, "
               "so the times below are inflated and noisy (ratios between contenders of a case hold up best).")
     print(report.format_table(records))
+    print(report.format_legend(records))
     print()
     print(report.format_targets(tgt))
+    if args.quick:
+        print("--quick: a smoke run; at T=K=N=64 fixed per-call costs dominate, so its times mean nothing.")
     files = ["bench.json", "bench.csv"] + (["bench.png"] if plotted else [])
     print(f"\nwrote {', '.join(str(args.out_dir / f) for f in files)}")
     return 0

@@ -11,10 +11,13 @@ column      [T or T/t (SP), K]   [N/t, K]        [r, K]       [N/t, r]     [T, N
 row         [T, K/t]             [N, K/t]        [r, K/t]     [N, r]       [T or T/t (SP), N]
 ==========  ===================  ==============  ===========  ===========  =================
 
-``KINDS`` maps a kind to its builder; ``CONTENDERS`` names the three callables every builder
-returns: ``base`` (the frozen layer alone, the floor), ``reference`` (PEFT's unfused per-rank
-structure) and ``fused`` (``tplora_kernels``). The FLOP and byte formulas below are the ones
-``NOTES.md`` derives; the roofline floor is ``max(FLOPs / peak FLOP/s, bytes / peak bandwidth)``.
+``KINDS`` maps a kind to its builder; ``CONTENDERS`` names the callables a builder returns:
+``base`` (the frozen layer alone, the floor), ``reference`` (``tplora_kernels.reference``: our
+torch emulation of PEFT's unfused per-rank structure), ``peft`` (PEFT's own
+``LoraParallelLinear`` on megatron-core layers, ``bench.peft_layer``; only where it runs, see
+``peft_layer.unsupported``) and ``fused`` (``tplora_kernels``). The FLOP and byte formulas below
+are the ones ``NOTES.md`` derives; the roofline floor is
+``max(FLOPs / peak FLOP/s, bytes / peak bandwidth)``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from dataclasses import asdict, dataclass, field
 
 __all__ = [
     "CONTENDERS",
+    "DESCRIBE",
     "DTYPES",
+    "ELEM",
     "KINDS",
     "PEAKS",
     "Built",
@@ -36,9 +41,17 @@ __all__ = [
     "roofline_ms",
 ]
 
-CONTENDERS = ("base", "reference", "fused")
+CONTENDERS = ("base", "reference", "peft", "fused")
+# What each contender is, in one line (the table's legend and the plot's).
+DESCRIBE = {
+    "base": "the frozen Megatron-style layer alone, with its own collectives (the floor)",
+    "reference": "tplora_kernels.reference: our torch emulation of PEFT's LoraParallelLinear structure",
+    "peft": "PEFT's own LoraParallelLinear on megatron-core layers (SP off on CPU; bench/peft_layer.py)",
+    "fused": "tplora_kernels (column_parallel_lora / row_parallel_lora)",
+}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-_ELEM = {"fp32": 4, "fp16": 2, "bf16": 2}
+ELEM = {"fp32": 4, "fp16": 2, "bf16": 2}
+SCALE = 2.0  # LoRA scaling s = alpha / r of every contender
 
 # Dense peak FLOP/s by activation dtype and HBM bandwidth, from the vendors' datasheets (SXM
 # parts). fp32 means TF32 tensor cores, which is what Triton's fp32 dot uses unless torch's
@@ -121,7 +134,7 @@ class Case:
 # Formulas (per rank; NOTES.md derives them)
 # ---------------------------------------------------------------------------------------------
 def model_flops(case: Case, contender: str, phase: str) -> int:
-    """Useful FLOPs per rank of one pass, the same count for ``reference`` and ``fused``.
+    """Useful FLOPs per rank of one pass, the same count for every LoRA contender.
 
     base fwd ``2·T·n·k``; base bwd is the dgrad only (W is frozen) ``2·T·n·k``. LoRA fwd adds
     ``2·T·r·(k+n)`` (shrink + expand); LoRA bwd adds ``4·T·r·(k+n)`` (du, dB, du·A, dA).
@@ -158,8 +171,8 @@ def min_bytes(case: Case, contender: str, phase: str, lora_elem: int | None = No
 
     Args:
         case: the case.
-        contender: ``"base"``, ``"reference"`` or ``"fused"`` (the floor is the same for the
-            last two; the reference moves far more).
+        contender: ``"base"`` or a LoRA contender (the floor is the same for all of them; the
+            unfused ones move far more).
         phase: ``"fwd"`` or ``"fwd_bwd"``.
         lora_elem: bytes per LoRA weight element (default: the activation's).
 
@@ -172,7 +185,7 @@ def min_bytes(case: Case, contender: str, phase: str, lora_elem: int | None = No
     """
     loc = case.local
     T, k, n, r = loc["rows"], loc["k"], loc["n"], case.r
-    e = _ELEM[case.dtype]
+    e = ELEM[case.dtype]
     w = lora_elem or e
     fwd = (T * k + n * k + T * n) * e
     bwd = (T * n + n * k + T * k) * e
@@ -202,15 +215,17 @@ def roofline_ms(case: Case, contender: str, phase: str, device_name: str) -> flo
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Built:
-    """One case's tensors on one rank, and the three contenders as zero-argument callables.
+    """One case's tensors on one rank, and the contenders as zero-argument callables.
 
     Attributes:
         x: this rank's input (requires grad, as a hidden layer's input does).
         dy: the output gradient fed to backward, shaped as every contender's output.
         params: tensors that hold the layer's weights (excluded from saved-activation bytes).
         grads: tensors whose ``.grad`` each backward fills (reset between runs).
-        contenders: ``{"base" | "reference" | "fused": () -> y}``.
+        contenders: ``{name: () -> y}`` for the names of ``CONTENDERS`` that run here, in that order.
         backend: the fused path's resolved backend.
+        peft_layer: PEFT's module when the ``peft`` contender runs (for its dropout-free check).
+        peft_skipped: why the ``peft`` contender does not run here, or None.
     """
 
     x: object
@@ -219,6 +234,8 @@ class Built:
     grads: list
     contenders: dict[str, Callable[[], object]] = field(default_factory=dict)
     backend: str = ""
+    peft_layer: object = None
+    peft_skipped: str | None = None
 
 
 def _tensors(case: Case, rank: int, device, dtype, lora_dtype, seed: int):
@@ -256,16 +273,18 @@ def _tensors(case: Case, rank: int, device, dtype, lora_dtype, seed: int):
             put(b, lora_dtype).requires_grad_(True), a_ref, b_ref, put(dy, dtype))
 
 
-def _build(case: Case, *, group, rank, device, backend, ref_dropout, lora_dtype, seed) -> Built:
+def _build(case: Case, *, group, rank, device, backend, ref_dropout, lora_dtype, seed, peft) -> Built:
     import torch
 
     import tplora_kernels as tk
     from tplora_kernels.mappings import base_parallel_linear
     from tplora_kernels.reference import column_parallel_lora_reference, row_parallel_lora_reference
 
+    from . import peft_layer
+
     dtype = getattr(torch, DTYPES[case.dtype])
     x, w, a, b, a_ref, b_ref, dy = _tensors(case, rank, device, dtype, lora_dtype, seed)
-    scale, p, sp = 2.0, case.p, case.sp and not case.emulated
+    scale, p, sp = SCALE, case.p, case.sp and not case.emulated
     seed_t = torch.tensor([0x5EED], dtype=torch.int64, device=device)
     be = tk.resolve_backend(device, backend)
     # Column runs without gather_output, row with input_is_parallel: Megatron's usual pairing.
@@ -273,20 +292,31 @@ def _build(case: Case, *, group, rank, device, backend, ref_dropout, lora_dtype,
     ref, fused = ((column_parallel_lora_reference, tk.column_parallel_lora) if case.kind == "column"
                   else (row_parallel_lora_reference, tk.row_parallel_lora))
     common = dict(sequence_parallel=sp, group=group, **mode)
-    return Built(x, dy, [w, a, b, a_ref, b_ref], [x, a, b, a_ref, b_ref], {
+    built = Built(x, dy, [w, a, b, a_ref, b_ref], [x, a, b, a_ref, b_ref], {
         "base": lambda: base_parallel_linear(x, w, kind=case.kind, **common),
         "reference": lambda: ref(x, w, a_ref, b_ref, scale=scale, dropout_p=p, seed=0x5EED, dropout=ref_dropout,
                                  **common),
-        "fused": lambda: fused(x, w, a, b, scale=scale, dropout_p=p, seed=seed_t, backend=be, **common),
     }, be)
+    built.peft_skipped = peft_layer.unsupported(case, device.type, group is not None) if peft else "--no-peft"
+    if built.peft_skipped is None:
+        # Its own fp32 copies of A and B: PEFT keeps its factors in fp32, as the reference does.
+        layer, params = peft_layer.build_peft_layer(case.kind, w=w, a=a_ref.detach(), b=b_ref.detach(), r=case.r,
+                                                    scale=scale, p=p, group=group, tp=case.tp)
+        built.params += params
+        built.grads += params[1:]
+        built.peft_layer = layer
+        built.contenders["peft"] = lambda: layer(x)[0]
+    built.contenders["fused"] = lambda: fused(x, w, a, b, scale=scale, dropout_p=p, seed=seed_t, backend=be,
+                                              **common)
+    return built
 
 
 KINDS: dict[str, Callable[..., Built]] = {"column": _build, "row": _build}
 
 
 def build(case: Case, *, group, device, backend: str, rank: int = 0, ref_dropout: str = "bernoulli",
-          lora_dtype=None, seed: int = 0) -> Built:
-    """Build ``case`` on this rank: shards, output gradient and the three contenders.
+          lora_dtype=None, seed: int = 0, peft: bool = False) -> Built:
+    """Build ``case`` on this rank: shards, output gradient and the contenders.
 
     The reference keeps PEFT's fp32 LoRA weights (and so upcasts x); the fused path's LoRA
     weights are ``lora_dtype`` (default: the activation dtype, the modules' default).
@@ -301,6 +331,8 @@ def build(case: Case, *, group, device, backend: str, rank: int = 0, ref_dropout
             ``"philox"`` (the package's mask, bit-comparable with the fused path).
         lora_dtype: torch dtype of the fused path's A and B.
         seed: seeds the full layer's random tensors; every rank must pass the same.
+        peft: add PEFT's own layer where it runs (needs megatron's ``parallel_state``
+            initialised over the group: ``peft_layer.init_parallel_state``).
 
     Returns:
         ``Built``.
@@ -314,7 +346,7 @@ def build(case: Case, *, group, device, backend: str, rank: int = 0, ref_dropout
 
     dtype = getattr(torch, DTYPES[case.dtype])
     return KINDS[case.kind](case, group=group, rank=rank, device=torch.device(device), backend=backend,
-                            ref_dropout=ref_dropout, lora_dtype=lora_dtype or dtype, seed=seed)
+                            ref_dropout=ref_dropout, lora_dtype=lora_dtype or dtype, seed=seed, peft=peft)
 
 
 def matrix(*, kinds: Iterable[str], tps: Iterable[int], sps: Iterable[bool], tokens: int, d_in: int, d_out: int,

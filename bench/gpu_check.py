@@ -396,6 +396,9 @@ def summarize(out: Path) -> str:
                          f"overhead over base {r.get('overhead_pct_fwd_bwd', 0):+.1f}%, "
                          f"{r.get('tflops_fwd_bwd') or 0:.0f} TFLOP/s, cuBLAS frac fwd "
                          f"{'n/a' if frac is None else f'{frac:.2f}'}")
+        from .report import format_targets
+
+        lines.append(format_targets(data["targets"]))
     else:
         lines.append("bench: no bench.json (step failed or timed out; see bench.log)")
     return "\n".join(lines)

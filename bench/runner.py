@@ -6,7 +6,7 @@ t GPUs, t ranks on NCCL; on CUDA with fewer, one process times each rank's shard
 (``Case.emulated``) and collectives are "not measured". Rank 0 streams progress and results
 back through a queue, so the parent owns the progress bar.
 
-Rank side, per case and per contender (``base``, ``reference``, ``fused``):
+Rank side, per case and per contender (``base``, ``reference``, ``peft`` where it runs, ``fused``):
 
 1. **One instrumented forward + backward**, not timed:
 
@@ -44,7 +44,8 @@ import traceback
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
-from .cases import CONTENDERS, DTYPES, Case, build, min_bytes, model_flops, roofline_ms
+from . import peft_layer
+from .cases import DTYPES, SCALE, Case, build, min_bytes, model_flops, roofline_ms
 
 __all__ = ["RunConfig", "count_collectives", "quantiles", "run_cases"]
 
@@ -77,6 +78,7 @@ class RunConfig:
             share a few cores, and OpenMP's fork-join on every small op collapses when another
             process takes a core (the Philox-heavy fused path at p > 0 ran 30x slower at TP 1
             with 2 threads on a loaded 2-core machine).
+        peft: also time PEFT's own LoraParallelLinear where it runs (``bench.peft_layer``).
     """
 
     device: str = "cpu"
@@ -89,6 +91,7 @@ class RunConfig:
     pg_timeout_s: int = 300
     do_bench_ms: tuple[int, int] = (25, 100)
     threads: int = 1
+    peft: bool = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,8 +296,9 @@ def _measure_pass(built, name: str, device, measure_collectives: bool) -> dict:
     return out
 
 
-def _check_fused(built, case: Case, group) -> float:
-    """Relative max error of the fused forward against the reference with the same Philox mask."""
+def _checks(built, case: Case, group) -> dict[str, float]:
+    """Relative max errors against the reference: the fused forward with the same Philox mask, and
+    PEFT's layer (whose nn.Dropout has no mask to share) with dropout off, in eval mode."""
     import torch
 
     from tplora_kernels.reference import column_parallel_lora_reference, row_parallel_lora_reference
@@ -302,11 +306,22 @@ def _check_fused(built, case: Case, group) -> float:
     ref = column_parallel_lora_reference if case.kind == "column" else row_parallel_lora_reference
     x, (w, a, b) = built.x, built.params[:3]
     sp = case.sp and not case.emulated
+    mode = {} if case.kind == "column" else {"input_is_parallel": True}
+
+    def rel(y, p, dropout):
+        y_r = ref(x, w, a.float(), b.float(), scale=SCALE, dropout_p=p, seed=0x5EED, sequence_parallel=sp,
+                  group=group, dropout=dropout, **mode).float()
+        return float((y.float() - y_r).abs().max() / y_r.abs().max().clamp_min(1e-30))
+
     with torch.no_grad():
-        y_f = built.contenders["fused"]().float()
-        y_r = ref(x, w, a.float(), b.float(), scale=2.0, dropout_p=case.p, seed=0x5EED, sequence_parallel=sp,
-                  group=group, dropout="philox").float()
-    return float((y_f - y_r).abs().max() / y_r.abs().max().clamp_min(1e-30))
+        out = {"fused": rel(built.contenders["fused"](), case.p, "philox")}
+        if built.peft_layer is not None:
+            built.peft_layer.eval()
+            try:
+                out["peft"] = rel(built.contenders["peft"](), 0.0, "bernoulli")
+            finally:
+                built.peft_layer.train()
+    return out
 
 
 def _time_loop(built, names, world: int, cfg: RunConfig, device) -> dict:
@@ -410,11 +425,15 @@ def _rank_body(rank: int, world: int, port: int, cfg: RunConfig, cases: list[Cas
                                     device_id=device)
     group = dist.group.WORLD if dist.is_initialized() else None
     lora_dtype = getattr(torch, DTYPES[cfg.lora_dtype]) if cfg.lora_dtype else None
-    names = list(CONTENDERS)
+    peft = cfg.peft and any(peft_layer.unsupported(c, device.type, group is not None) is None for c in cases)
+    if peft:
+        peft_layer.init_parallel_state(world)
     try:
         for ci, case in enumerate(cases):
-            _case(rank, world, ci, case, cfg, device, group, lora_dtype, names, queue)
+            _case(rank, world, ci, case, cfg, device, group, lora_dtype, queue)
     finally:
+        if peft:
+            peft_layer.shutdown_parallel_state()
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -433,7 +452,7 @@ def _gather_max(obj, world: int):
     return [max(vals) for vals in zip(*objs)]
 
 
-def _case(rank, world, ci, case: Case, cfg: RunConfig, device, group, lora_dtype, names, queue) -> None:
+def _case(rank, world, ci, case: Case, cfg: RunConfig, device, group, lora_dtype, queue) -> None:
     import torch
 
     def say(stage):
@@ -442,8 +461,10 @@ def _case(rank, world, ci, case: Case, cfg: RunConfig, device, group, lora_dtype
 
     say("build")
     built = build(case, group=None if case.emulated else group, rank=0 if case.emulated else rank, device=device,
-                  backend=cfg.backend, ref_dropout=cfg.ref_dropout, lora_dtype=lora_dtype, seed=1000 + ci)
-    check = _check_fused(built, case, None if case.emulated else group)
+                  backend=cfg.backend, ref_dropout=cfg.ref_dropout, lora_dtype=lora_dtype, seed=1000 + ci,
+                  peft=cfg.peft)
+    names = list(built.contenders)
+    checks = _checks(built, case, None if case.emulated else group)
     say("warm-up")
     # One untimed forward + backward each first: autotuning, lazy initialisation and first-touch
     # allocations must not land in the instrumented pass's memory figures.
@@ -474,7 +495,7 @@ def _case(rank, world, ci, case: Case, cfg: RunConfig, device, group, lora_dtype
     recs = []
     for n in names:
         rec = {"case": case.as_dict(), "label": case.label, "contender": n, "backend": built.backend,
-               "device": dev_name, "ranks": world, "timer": timer,
+               "device": dev_name, "ranks": world, "timer": timer, "peft_skipped": built.peft_skipped,
                "threads_per_rank": torch.get_num_threads() if device.type == "cpu" else None}
         for ph in ("fwd", "fwd_bwd"):
             t = times[(n, ph)]
@@ -490,8 +511,8 @@ def _case(rank, world, ci, case: Case, cfg: RunConfig, device, group, lora_dtype
                 rec[f"cublas_frac_{ph}"] = (rec[f"tflops_{ph}"] / (base_fl / (cublas[ph] * 1e-3) / 1e12)
                                             if rec[f"tflops_{ph}"] else None)
         rec.update(measured[n])
-        if n == "fused":
-            rec["check_rel_err_vs_reference"] = check
+        if n in checks:
+            rec["check_rel_err_vs_reference"] = checks[n]
         recs.append(rec)
     queue.put(("done", ci, case.label, recs))
 
