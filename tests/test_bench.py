@@ -25,9 +25,12 @@ REFERENCE_ADDS = {("column", False): (0, 1), ("column", True): (1, 1), ("row", F
 
 
 def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run the CLI; stdout and stderr decoded as they were written (text mode would turn \\r into \\n)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CLI's own default
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True,
                           timeout=timeout)
+    proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
+    return proc
 
 
 @pytest.fixture(scope="module")
