@@ -229,7 +229,7 @@ def dispatch_options(ctx, which: str) -> dict:
             m = dispatch_megatron(target, "default", make(r=4, lora_alpha=8, init_lora_weights=init))
             torch.manual_seed(77)
             a, b = init_full_factors(4, m.in_features, m.out_features, init)
-            a_i, b_i = m._shard(a, b)
+            a_i, b_i = m.spec.layout.shard_factors(a, b, m.tp_rank, m.tp_size)
             out[("init", init, kind)] = (torch.equal(m.lora_A["default"].weight, a_i),
                                          torch.equal(m.lora_B["default"].weight, b_i),
                                          float(b.abs().sum()), float(a.std()))
@@ -690,10 +690,7 @@ def _grads(pm, adapter: str = "default") -> dict:
         m = getattr(pm.base_model.model, name)
         ga = m.lora_A[adapter].weight.grad
         gb = m.lora_B[adapter].weight.grad
-        if m.lora_shard_dims["lora_A"] is not None:
-            ga = D.all_gather_cols(ga, m.tp_group)
-        if m.lora_shard_dims["lora_B"] is not None:
-            gb = D.all_gather_rows(gb, m.tp_group)
+        ga, gb = m.spec.layout.gather_factors(ga, gb, m.tp_group)
         out[f"{name}.A"], out[f"{name}.B"] = ga.clone(), gb.clone()
     return out
 
@@ -763,7 +760,7 @@ def peft_tp2_task(ctx, out_dir: str, bare_dir: str) -> dict:
         res["after_peft_delete"] = (sorted(pm.base_model.model.fc1.lora_A), pm.base_model.model.fc2.active_adapter)
 
     # Export in PEFT's format (full A and B), then merge and unload to plain Megatron layers.
-    saved = save_adapter(pm, out_dir)
+    saved = save_adapter(pm, out_dir, group=ctx.group)
     res["saved_keys"] = sorted(saved)
     with torch.no_grad():
         y_active = pm(x)
@@ -781,7 +778,7 @@ def peft_tp2_task(ctx, out_dir: str, bare_dir: str) -> dict:
     bare = ToyMLP(ctx.group, ctx.tp)
     apply_lora(bare, LoRAConfig(r=4, lora_alpha=8, rank_pattern={"fc2": 2}, alpha_pattern={"fc1": 3},
                                 init_lora_weights=False, use_rslora=True, backend="torch"))
-    save_adapter(bare, bare_dir)
+    save_adapter(bare, bare_dir, group=ctx.group)
     with torch.no_grad():
         res["bare_y"] = bare(x)
     return res

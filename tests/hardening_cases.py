@@ -85,8 +85,8 @@ def bad_module(ctx, case: str):
                                 gather_output=False, tp_group=ctx.group)
     if case == "not_megatron":
         ColumnParallelLoRA(torch.nn.Linear(16, 8), r=4)
-    elif case == "is_expert":
-        base.is_expert = True
+    elif case == "explicit_expert_comm":
+        base.is_expert = base.explicit_expert_comm = True
         ColumnParallelLoRA(base, r=4)
     elif case == "r_zero":
         ColumnParallelLoRA(base, r=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tplora_kernels import mask as M
-from tplora_kernels.ops import launch as L
+from tplora_kernels.ops import triton_backend as TB
 from tplora_kernels.ops import lora_linear_fwd, lora_shrink_fwd
 
 from . import hardening_cases as C
@@ -53,7 +53,7 @@ def test_bad_call_raises_on_every_rank(dist_pool, case, kind, exc, words):
 
 BAD_MODULES = [
     ("not_megatron", "TypeError", ["ColumnParallelLinear", "Linear"]),
-    ("is_expert", "ValueError", ["is_expert"]),
+    ("explicit_expert_comm", "ValueError", ["explicit_expert_comm"]),
     ("r_zero", "ValueError", ["r must be a positive int", "0"]),
     ("dropout", "ValueError", ["lora_dropout", "1.5"]),
     ("alpha", "ValueError", ["lora_alpha", "inf"]),
@@ -143,9 +143,9 @@ def test_autotune_never_varies_a_reduction_block():
                   "_SHRINK_CONFIGS": {"BLOCK_K", "BLOCK_R"}, "_SHRINK_BWD_CONFIGS": {"BLOCK_M", "BLOCK_R"},
                   "_DY_CONFIGS": {"BLOCK_M", "BLOCK_N", "BLOCK_R"}}
     for name, red in reductions.items():
-        for cfg in getattr(L, name):
+        for cfg in getattr(TB, name):
             assert not red & set(cfg.kwargs), f"{name} config {cfg} tunes a reduction block {red & set(cfg.kwargs)}"
-    assert L._tuned["linear_fwd"].keys == ["N", "K", "R"], "autotune must key on model dims, not T"
+    assert TB._TUNED["linear_fwd"].keys == ["N", "K", "R"], "autotune must key on model dims, not T"
 
 
 @pytest.mark.parametrize("how", ["torch", "megatron"])

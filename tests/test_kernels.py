@@ -167,7 +167,7 @@ def run_case(c: Case, kernel_backend: str, dims=None, seed: int = 0) -> None:
               "dy_bwd": {"dy": N, "du": r}, "linear_dx": {"dy": N, "du": r, "dx": K},
               "shrink_bwd": {"du": r, "x": K}}[c.op]
     P = Placer(c.layout, dt, T, chunks, widths, device=dev)
-    mk = dict(seed=seed_t, thr=thr, row0=ROW0, col0=COL0, backend=backend)
+    mk = dict(drop=M.DropoutSpec(seed_t, thr, ROW0, COL0), backend=backend)
 
     e64 = {k: v.double() for k, v in dict(x=x, dy=dy, W=W, A=A, B=B, u=u, du=du, bias=bias).items()}
     m64 = keep.double() * inv

@@ -133,18 +133,19 @@ def test_public_ops_apply_exactly_the_mask(kernel_backend, backend, row0, col0, 
     s = torch.tensor([seed], dtype=torch.int64, device=dev)
     want = _scaled_mask(seed, row0, T, col0, K, thr, dtype)
     where = f"backend={backend} {dtype} row0={row0:#x} col0={col0:#x}"
+    drop = M.DropoutSpec(s, thr, row0, col0)
 
     dx = L.lora_linear_dx(torch.zeros(T, N, dtype=dtype, device=dev), torch.randn(N, K, device=dev).to(dtype),
                           torch.ones(T, 1, dtype=dtype, device=dev), torch.ones(1, K, dtype=dtype, device=dev),
-                          seed=s, thr=thr, row0=row0, col0=col0, backend=backend).cpu()
+                          drop=drop, backend=backend).cpu()
     assert torch.equal(dx, want), f"lora_linear_dx mask ({where}): {_first_diff(dx, want)}"
 
     u = L.lora_shrink_fwd(torch.ones(T, K, dtype=dtype, device=dev), torch.eye(K, dtype=dtype, device=dev),
-                          seed=s, thr=thr, row0=row0, col0=col0, backend=backend).cpu()
+                          drop=drop, backend=backend).cpu()
     assert torch.equal(u, want), f"lora_shrink_fwd mask ({where}): {_first_diff(u, want)}"
 
     da = L.lora_shrink_bwd(torch.eye(T, dtype=dtype, device=dev), torch.ones(T, K, dtype=dtype, device=dev),
-                           seed=s, thr=thr, row0=row0, col0=col0, backend=backend).cpu()
+                           drop=drop, backend=backend).cpu()
     want32 = _scaled_mask(seed, row0, T, col0, K, thr, torch.float32)
     assert torch.equal(da, want32), f"lora_shrink_bwd mask ({where}): {_first_diff(da, want32)}"
 

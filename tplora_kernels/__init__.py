@@ -2,7 +2,11 @@
 
 Layers, each calling the one below it::
 
-    ops.kernels  ->  ops.launch  ->  autograd  ->  functional  ->  modules  ->  dispatch
+    ops.kernels -> ops.launch (+ backends) -> autograd -> functional -> modules -> dispatch
+
+beside them: ``config`` (options), ``layout`` (the shard rule), ``base`` (base-layer
+recognisers), ``rng`` (dropout seeds), ``mask`` (the dropout mask), ``adapters`` (registry),
+``checkpoint`` (adapter files), ``peft`` (PEFT integration).
 
 Quick start (inside an initialised tensor-parallel group)::
 
@@ -11,12 +15,14 @@ Quick start (inside an initialised tensor-parallel group)::
     y, bias = layer(x)          # same contract as the base layer's forward
 """
 
-from ._backend import BACKENDS, interpreter_active, resolve_backend
+from .backends import BACKENDS, get_backend, interpreter_active, resolve_backend
 from .checkpoint import adapter_sharded_state_dict, gather_full_factors, load_adapter, save_adapter
-from .dispatch import LoRAConfig, apply_lora, dispatch_megatron
+from .config import LoRAConfig
+from .dispatch import apply_lora, dispatch_megatron
 from .distributed import sum_sequence_parallel_grads
-from .functional import column_parallel_lora, draw_seed, parallel_linear, row_parallel_lora
-from .modules import ColumnParallelLoRA, RowParallelLoRA
+from .functional import column_parallel_lora, parallel_linear, row_parallel_lora
+from .modules import ColumnParallelLoRA, RowParallelLoRA, lora_modules
+from .rng import checkpoint_context_fn, draw_seed
 
 __version__ = "0.1.0.dev0"
 
@@ -27,12 +33,15 @@ __all__ = [
     "RowParallelLoRA",
     "adapter_sharded_state_dict",
     "apply_lora",
+    "checkpoint_context_fn",
     "column_parallel_lora",
     "dispatch_megatron",
     "draw_seed",
     "gather_full_factors",
+    "get_backend",
     "interpreter_active",
     "load_adapter",
+    "lora_modules",
     "parallel_linear",
     "resolve_backend",
     "row_parallel_lora",

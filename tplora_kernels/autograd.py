@@ -1,28 +1,53 @@
-"""Autograd Functions: the per-mode algebra of DESIGN §2, with the collectives made explicit.
+"""Autograd Functions: the per-mode algebra, with the collectives made explicit.
 
-LoRA adds no collective to any mode. It rides on the base layer's own:
+Notation per rank: t = TP size, i = rank, T rows (tokens), K in, N out, r the LoRA rank; ``W_i``
+the base weight shard, ``A`` ``[r, K]`` and ``B`` ``[N, r]`` the full factors, ``M`` the dropout
+keep-mask, ``drop(x) = x ⊙ M / (1-p)``, s the LoRA scale.
+
+Column-parallel base (``W_i`` is ``[N/t, K]``; A replicated, ``B_i`` rows of B):
+  forward   ``u = drop(X) Aᵀ``; ``y_i = X W_iᵀ + s·u B_iᵀ``. SP: X = all-gather of the x_i rows, and
+            u's rows are computed by their owner and gathered with them (``[x_i | u_i]``).
+  backward  ``du_i = s·dy_i B_i`` and ``dX_i = dy_i W_i + (du_i A) ⊙ M/(1-p)`` are partial sums
+            and ``dX_i`` is linear in ``du_i``, so the base's one dgrad collective, r columns wider,
+            finishes both (all-reduce, or reduce-scatter under SP). ``dB_i = s·dy_iᵀ u`` is exact
+            locally; ``dA = duᵀ drop(X)`` too, except under SP where each rank uses its own rows
+            (a partial sum that ``finalize_model_grads`` completes: A is marked
+            ``sequence_parallel``).
+Row-parallel base (``W_i`` is ``[N, K/t]``; ``A_i`` columns of A, B replicated):
+  forward   ``u_i = drop(x_i) A_iᵀ`` (mask at the global column offset) and
+            ``z_i = x_i W_iᵀ + s·u_i Bᵀ`` are partial sums: one collective over ``[z_i | u_i]``
+            (all-reduce, or reduce-scatter under SP) yields y and u. Bias after the reduction.
+  backward  SP: dY = all-gather of the dy rows (the base needs it anyway). ``du = s·dY B``,
+            ``dx_i = dY W_i + (du A_i) ⊙ M_i/(1-p)`` and ``dA_i = duᵀ drop(x_i)`` are local;
+            ``dB = s·dYᵀ u`` too, except under SP (own rows: B is marked ``sequence_parallel``).
 
 =================  ==========================================  =====================================
 mode               forward                                     backward
 =================  ==========================================  =====================================
 column, SP off     none (+ all-gather cols if gather_output)   all-reduce ``[dX | du]``
-column, SP on      all-gather rows of ``[x | u]`` (+ gather)     reduce-scatter rows of ``[dX | du]``
+column, SP on      all-gather rows of ``[x | u]`` (+ gather)   reduce-scatter rows of ``[dX | du]``
 row, SP off        all-reduce ``[z | u]``                      none (+ all-gather cols of dx if
                                                                not input_is_parallel)
 row, SP on         reduce-scatter rows of ``[z | u]``          all-gather rows of dy (+ as above)
 =================  ==========================================  =====================================
 
-The ``[a | b]`` buffers are ``distributed.RowChunkedBuffer``s: the kernels write both operands
-into the one buffer the base collective reduces or gathers, r columns wider than the base's own.
-Under column SP each rank computes u for its own rows only (one read of x_i, which the same
-kernel copies into the gather buffer), so no rank repeats another's shrink or mask work. Saved
-for backward: the layer input (local under SP), u (T×r) and the seed; no mask, no dropped or
-fp32 copy of x. One exception, documented: a column layer whose input needs no gradient has no
-base dgrad collective to ride on, so du (T×r) gets an all-reduce of its own.
+LoRA adds no collective to any mode. The ``[a | b]`` buffers are ``distributed.RowChunkedBuffer``s:
+the kernels write both operands straight into the one buffer the base collective reduces or
+gathers. Saved for backward: the layer input (local under SP), u (T×r) and the seed; no mask, no
+dropped or fp32 copy of x. One exception, documented: a column layer whose input needs no
+gradient has no base dgrad collective to ride on, so du (T×r) gets an all-reduce of its own.
 
-Weight gradients arrive in fp32 from the kernels. If the parameter has ``main_grad`` (Megatron
-DDP) they are added there, ``grad_added_to_main_grad`` is set, and autograd gets a zero
-placeholder so DDP's hooks still fire, as Megatron's own linear layers do.
+u is kept in x's dtype, except with fp16 activations and fp32 factors, where it is kept in fp32
+(fp16's range is too small for it, and PEFT computes it in fp32); it then computes the output in
+fp32 and travels in fp16 only inside a row-parallel ``[z | u]`` reduction (used for dB only).
+Column SP then gathers x alone and computes u from the gathered rows.
+
+Autocast does not change what these Functions compute: they run with autocast off, in x's dtype
+with fp32 accumulation, on every backend alike. Weight gradients arrive in fp32. If the parameter
+has ``main_grad`` (Megatron DDP) they are added there, ``grad_added_to_main_grad`` is set, and
+autograd gets a zero placeholder so DDP's hooks still fire, as Megatron's own linear layers do.
+The Functions are once-differentiable: double backward raises instead of returning a wrong
+second derivative.
 """
 
 from __future__ import annotations
@@ -31,11 +56,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from . import distributed as D
+from .backends import Backend
+from .mask import DropoutSpec
 from .ops import launch as L
 
-__all__ = ["Plan", "_ColumnParallelLoRAFn", "_RowParallelLoRAFn"]
+__all__ = ["Plan", "_ColumnParallelLoRAFn", "_RowParallelLoRAFn", "lora_act_dtype"]
+
+
+def lora_act_dtype(x_dtype: torch.dtype, lora_dtype: torch.dtype) -> torch.dtype:
+    """The dtype u is kept in: x's, except fp32 for fp16 activations with fp32 factors (range)."""
+    return torch.float32 if x_dtype == torch.float16 and lora_dtype == torch.float32 else x_dtype
 
 
 @dataclass(frozen=True)
@@ -49,9 +82,10 @@ class Plan:
         scale: LoRA scale s.
         thr: dropout threshold (``mask.dropout_threshold(p)``); 0 = no dropout.
         sequence_parallel: SP on (already False when world == 1).
+        backend: the backend object that runs the ops.
         gather_output: column only: all-gather the output columns.
         input_is_parallel: row only: x is already split along K.
-        backend: resolved backend name.
+        out_dtype: the output's dtype (None: x's), as a base layer's ``output_dtype``.
     """
 
     group: dist.ProcessGroup | None
@@ -60,9 +94,14 @@ class Plan:
     scale: float
     thr: int
     sequence_parallel: bool
+    backend: Backend
     gather_output: bool = False
     input_is_parallel: bool = True
-    backend: str = "torch"
+    out_dtype: torch.dtype | None = None
+
+    def dropout(self, seed: torch.Tensor | None) -> DropoutSpec:
+        """The call's dropout, positioned at the full input's element (0, 0)."""
+        return DropoutSpec(seed, self.thr)
 
 
 def _deliver(param: torch.Tensor, g32: torch.Tensor | None) -> torch.Tensor | None:
@@ -78,66 +117,85 @@ def _deliver(param: torch.Tensor, g32: torch.Tensor | None) -> torch.Tensor | No
     return torch.zeros_like(param)
 
 
+def _fresh(view: torch.Tensor) -> torch.Tensor:
+    """A tensor on ``view``'s memory that autograd does not know as a view.
+
+    The outputs live in a collective buffer next to u. A view of that buffer returned from a
+    custom Function could not be modified in place (``y.add_(1)``, in-place dropout), while the
+    base layer's own output can; this alias can, at no copy.
+    """
+    return view.new_empty(0).set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 class _ColumnParallelLoRAFn(torch.autograd.Function):
     """Column-parallel base: W_i [N/t, K], A [r, K] replicated, B_i [N/t, r]. x: [T or T/t, K]."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, seed, plan: Plan):
-        if plan.sequence_parallel:
-            # [x_i | u_i] rides in the base's all-gather: u's rows are computed once, by their owner.
-            T_i, K, R = x.shape[0], x.shape[1], lora_a.shape[0]
-            packed = torch.empty(T_i, K + R, dtype=x.dtype, device=x.device)  # row j = [x_j | u_j]
-            L.lora_shrink_fwd(x, lora_a, seed=seed, thr=plan.thr, row0=plan.rank * T_i, out=packed[:, K:],
-                              x_out=packed[:, :K], backend=plan.backend)
-            X, u = D.all_gather_rows(packed, plan.group).split([K, R], dim=1)
-            u_saved = u.clone()  # compact: saving the view would pin the gathered x
-        else:
-            X = x
-            u = u_saved = L.lora_shrink_fwd(X, lora_a, seed=seed, thr=plan.thr, backend=plan.backend)
-        y = L.lora_linear_fwd(X, weight, u, lora_b, scale=plan.scale, bias=bias, backend=plan.backend)
-        if plan.gather_output:
-            y = D.all_gather_cols(y, plan.group)
+        be, drop = plan.backend, plan.dropout(seed)
+        u_dtype = lora_act_dtype(x.dtype, lora_a.dtype)
+        with _no_autocast(x.device):
+            if plan.sequence_parallel and u_dtype == x.dtype:
+                # [x_i | u_i] rides in the base's all-gather: u's rows are computed once, by their owner.
+                T_i, K, R = x.shape[0], x.shape[1], lora_a.shape[0]
+                packed = torch.empty(T_i, K + R, dtype=x.dtype, device=x.device)  # row j = [x_j | u_j]
+                L.lora_shrink_fwd(x, lora_a, drop=drop.shifted(rows=plan.rank * T_i), out=packed[:, K:],
+                                  x_out=packed[:, :K], backend=be)
+                X, u = D.all_gather_rows(packed, plan.group).split([K, R], dim=1)
+                u_saved = u.clone()  # compact: saving the view would pin the gathered x
+            else:
+                X = D.all_gather_rows(x, plan.group) if plan.sequence_parallel else x
+                u = torch.empty(X.shape[0], lora_a.shape[0], dtype=u_dtype, device=x.device)
+                u = u_saved = L.lora_shrink_fwd(X, lora_a, drop=drop, out=u, backend=be)
+            y = torch.empty(X.shape[0], weight.shape[0], dtype=plan.out_dtype or x.dtype, device=x.device)
+            L.lora_linear_fwd(X, weight, u, lora_b, scale=plan.scale, bias=bias, out=y, backend=be)
+            if plan.gather_output:
+                y = D.all_gather_cols(y, plan.group)
         ctx.plan = plan
         ctx.save_for_backward(x, weight, lora_a, lora_b, u_saved, seed)
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         plan: Plan = ctx.plan
+        be = plan.backend
         x, weight, lora_a, lora_b, u, seed = ctx.saved_tensors
+        drop = plan.dropout(seed)
         need_dx, need_da, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        if plan.gather_output and plan.world > 1:
+        if plan.gather_output:
             n = weight.shape[0]
             dy = dy[:, plan.rank * n:(plan.rank + 1) * n]
+        dy = dy.to(x.dtype)
         T, K, R = dy.shape[0], weight.shape[1], lora_a.shape[0]
         dx = da = db = None
-        if need_dx or need_da:
-            chunks = plan.world if plan.sequence_parallel else 1
-            widths = ([K] if need_dx else []) + ([R] if need_da else [])
-            buf = D.RowChunkedBuffer(T, widths, chunks, dy.dtype, dy.device)
-            du_view = buf.views[-1] if need_da else None
-            du, db = L.lora_dy_bwd(dy, lora_b, u if need_db else None, scale=plan.scale, du_out=du_view,
-                                   backend=plan.backend)
-            keep = L.shared_keep(plan.backend, seed, plan.thr, 0, T, 0, K, dy.device) if need_dx and need_da \
-                else None
-            if need_dx:
-                # dX_i and du_i are partial sums over ranks, and dX_i is linear in du_i, so the
-                # base's one dgrad collective (r columns wider) finishes both.
-                L.lora_linear_dx(dy, weight, du, lora_a, seed=seed, thr=plan.thr, out=buf.views[0], keep=keep,
-                                 backend=plan.backend)
-            if plan.sequence_parallel:
-                parts = buf.split(D.reduce_scatter_rows(buf.flat, plan.group))
-            else:
-                parts = buf.split(D.all_reduce_(buf.flat, plan.group))
-            if need_dx:
-                dx = parts[0]
-            if need_da:
-                row0 = plan.rank * x.shape[0] if plan.sequence_parallel else 0
-                keep_i = keep[row0:row0 + x.shape[0]] if keep is not None else None
-                da = L.lora_shrink_bwd(parts[-1], x, seed=seed, thr=plan.thr, row0=row0, keep=keep_i,
-                                       backend=plan.backend)
-        elif need_db:
-            _, db = L.lora_dy_bwd(dy, lora_b, u, scale=plan.scale, compute_du=False, backend=plan.backend)
+        with _no_autocast(dy.device), be.backward_scope():
+            if need_dx or need_da:
+                chunks = plan.world if plan.sequence_parallel else 1
+                widths = ([K] if need_dx else []) + ([R] if need_da else [])
+                buf = D.RowChunkedBuffer(T, widths, chunks, dy.dtype, dy.device)
+                du_view = buf.views[-1] if need_da else None
+                du, db = L.lora_dy_bwd(dy, lora_b, u if need_db else None, scale=plan.scale, du_out=du_view,
+                                       backend=be)
+                if need_dx:
+                    # dX_i and du_i are partial sums over ranks, and dX_i is linear in du_i, so the
+                    # base's one dgrad collective (r columns wider) finishes both.
+                    L.lora_linear_dx(dy, weight, du, lora_a, drop=drop, out=buf.views[0], backend=be)
+                if plan.sequence_parallel:
+                    parts = buf.split(D.reduce_scatter_rows(buf.flat, plan.group))
+                else:
+                    parts = buf.split(D.all_reduce_(buf.flat, plan.group))
+                if need_dx:
+                    dx = parts[0]
+                if need_da:
+                    row0 = plan.rank * x.shape[0] if plan.sequence_parallel else 0
+                    da = L.lora_shrink_bwd(parts[-1], x, drop=drop.shifted(rows=row0), backend=be)
+            elif need_db:
+                _, db = L.lora_dy_bwd(dy, lora_b, u, scale=plan.scale, compute_du=False, backend=be)
         return dx, None, None, _deliver(lora_a, da), _deliver(lora_b, db), None, None
 
 
@@ -146,46 +204,53 @@ class _RowParallelLoRAFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, seed, plan: Plan):
+        be = plan.backend
         k = weight.shape[1]
         x_i = x if plan.input_is_parallel else x[:, plan.rank * k:(plan.rank + 1) * k]
         T, N, R = x_i.shape[0], weight.shape[0], lora_a.shape[0]
-        chunks = plan.world if plan.sequence_parallel else 1
-        buf = D.RowChunkedBuffer(T, (N, R), chunks, x.dtype, x.device)
-        col0 = plan.rank * k
-        # u_i is a partial sum over ranks (global column offset for the mask); z_i = x_i W_iᵀ +
+        # u_i is a partial sum over ranks (the mask at the global column offset); z_i = x_i W_iᵀ +
         # s·u_i Bᵀ is too. One collective over [z | u] yields y and u.
-        L.lora_shrink_fwd(x_i, lora_a, seed=seed, thr=plan.thr, col0=col0, out=buf.views[1], backend=plan.backend)
-        L.lora_linear_fwd(x_i, weight, buf.views[1], lora_b, scale=plan.scale, out=buf.views[0],
-                          backend=plan.backend)
-        if plan.sequence_parallel:
-            y, u = buf.split(D.reduce_scatter_rows(buf.flat, plan.group))
-        else:
-            y, u = buf.split(D.all_reduce_(buf.flat, plan.group))
-        if bias is not None:
-            y.add_(bias)
+        drop = plan.dropout(seed).shifted(cols=plan.rank * k)
+        chunks = plan.world if plan.sequence_parallel else 1
+        buf = D.RowChunkedBuffer(T, (N, R), chunks, plan.out_dtype or x.dtype, x.device)
+        with _no_autocast(x.device):
+            if buf.flat.dtype in (lora_act_dtype(x.dtype, lora_a.dtype), torch.float32):
+                u_i = L.lora_shrink_fwd(x_i, lora_a, drop=drop, out=buf.views[1], backend=be)
+            else:  # kept wider than the buffer: compute z from it, and carry a copy for the reduction
+                u_i = L.lora_shrink_fwd(x_i, lora_a, drop=drop,
+                                        out=torch.empty(T, R, dtype=torch.float32, device=x.device), backend=be)
+                buf.views[1].copy_(u_i.view(buf.views[1].shape))
+            L.lora_linear_fwd(x_i, weight, u_i, lora_b, scale=plan.scale, out=buf.views[0], backend=be)
+            if plan.sequence_parallel:
+                y, u = buf.split(D.reduce_scatter_rows(buf.flat, plan.group))
+            else:
+                y, u = buf.split(D.all_reduce_(buf.flat, plan.group))
+            if bias is not None:
+                y.add_(bias)
         ctx.plan = plan
         # u is cloned so that saving it does not pin the whole [z | u] buffer (the output).
         ctx.save_for_backward(x_i, weight, lora_a, lora_b, u.clone(), seed)
-        return y
+        return _fresh(y)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         plan: Plan = ctx.plan
+        be = plan.backend
         x_i, weight, lora_a, lora_b, u, seed = ctx.saved_tensors
         need_dx, need_da, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        dy = dy.to(x_i.dtype)
         dY = D.all_gather_rows(dy, plan.group) if plan.sequence_parallel else dy
-        col0 = plan.rank * weight.shape[1]
+        drop = plan.dropout(seed).shifted(cols=plan.rank * weight.shape[1])
         u_row0 = plan.rank * dy.shape[0] if plan.sequence_parallel else 0
-        du, db = L.lora_dy_bwd(dY, lora_b, u if need_db else None, scale=plan.scale, u_row0=u_row0,
-                               compute_du=need_dx or need_da, backend=plan.backend)
         dx = da = None
-        keep = L.shared_keep(plan.backend, seed, plan.thr, 0, x_i.shape[0], col0, x_i.shape[1], dy.device) \
-            if need_dx and need_da else None
-        if need_dx:
-            dx = L.lora_linear_dx(dY, weight, du, lora_a, seed=seed, thr=plan.thr, col0=col0, keep=keep,
-                                  backend=plan.backend)
-            if not plan.input_is_parallel:
-                dx = D.all_gather_cols(dx, plan.group)
-        if need_da:
-            da = L.lora_shrink_bwd(du, x_i, seed=seed, thr=plan.thr, col0=col0, keep=keep, backend=plan.backend)
+        with _no_autocast(dy.device), be.backward_scope():
+            du, db = L.lora_dy_bwd(dY, lora_b, u if need_db else None, scale=plan.scale, u_row0=u_row0,
+                                   compute_du=need_dx or need_da, backend=be)
+            if need_dx:
+                dx = L.lora_linear_dx(dY, weight, du, lora_a, drop=drop, backend=be)
+                if not plan.input_is_parallel:
+                    dx = D.all_gather_cols(dx, plan.group)
+            if need_da:
+                da = L.lora_shrink_bwd(du, x_i, drop=drop, backend=be)
         return dx, None, None, _deliver(lora_a, da), _deliver(lora_b, db), None, None

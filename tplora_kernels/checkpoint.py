@@ -27,26 +27,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import distributed as D
-from .dispatch import check_config, pattern_value
-from .modules import _ParallelLoRA
+from .config import check_config, pattern_value
+from .modules import _ParallelLoRA, lora_modules
 
-__all__ = ["adapter_sharded_state_dict", "gather_full_factors", "load_adapter", "lora_modules", "save_adapter"]
+__all__ = ["adapter_sharded_state_dict", "gather_full_factors", "load_adapter", "lora_modules", "save_adapter",
+           "write_adapter_files"]
 
 PEFT_PREFIX = "base_model.model."
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 CONFIG_NAME = "adapter_config.json"
-
-
-def lora_modules(model: nn.Module) -> list[tuple[str, _ParallelLoRA]]:
-    """Every ``ColumnParallelLoRA``/``RowParallelLoRA`` in ``model`` (itself included), in module order.
-
-    Example:
-        >>> lora_modules(torch.nn.Linear(2, 2))
-        []
-    """
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _ParallelLoRA)]
 
 
 def _plain_name(name: str) -> str:
@@ -62,7 +52,8 @@ def gather_full_factors(module: _ParallelLoRA, adapter_name: str) -> tuple[torch
     """The full A ``[r, K]`` and B ``[N, r]`` of one layer's adapter, on every rank of its TP group.
 
     One all-gather over the layer's TP group (for the one sharded factor), so every rank of the
-    group must call it, in the same order.
+    group must call it, in the same order. The shards are joined by the layer's layout, so a
+    gated fc1's B comes back in the full weight's row order ``[B_gate; B_up]``.
 
     Args:
         module: a ``ColumnParallelLoRA``/``RowParallelLoRA``.
@@ -77,12 +68,8 @@ def gather_full_factors(module: _ParallelLoRA, adapter_name: str) -> tuple[torch
     if not isinstance(module, _ParallelLoRA):
         raise TypeError(f"module must be a ColumnParallelLoRA or RowParallelLoRA, got {type(module).__name__}")
     module._check_adapter(adapter_name)
-    a = module.lora_A[adapter_name].weight.detach()
-    b = module.lora_B[adapter_name].weight.detach()
-    if module.lora_shard_dims["lora_A"] is not None:
-        a = D.all_gather_cols(a, module.tp_group)
-    if module.lora_shard_dims["lora_B"] is not None:
-        b = D.all_gather_rows(b, module.tp_group)
+    a, b = module.spec.layout.gather_factors(module.lora_A[adapter_name].weight.detach(),
+                                             module.lora_B[adapter_name].weight.detach(), module.spec.group)
     return a.clone(), b.clone()
 
 
@@ -106,9 +93,10 @@ def _config_dict(model: nn.Module, mods, adapter_name: str, config: Any) -> dict
     """adapter_config.json content whose patterns reproduce every layer's r and alpha."""
     if config is None:
         config = getattr(model, "peft_config", {}).get(adapter_name)
-    rs = {_plain_name(n): m.r[adapter_name] for n, m in mods}
-    alphas = {_plain_name(n): m.lora_alpha[adapter_name] for n, m in mods}
-    rslora = {m.use_rslora[adapter_name] for _, m in mods}
+    opts = {_plain_name(n): m.adapter_options(adapter_name) for n, m in mods}
+    rs = {n: o.r for n, o in opts.items()}
+    alphas = {n: o.lora_alpha for n, o in opts.items()}
+    rslora = {o.use_rslora for o in opts.values()}
     if len(rslora) != 1:
         raise ValueError(f"adapter {adapter_name!r} mixes use_rslora=True and False across layers; PEFT's format "
                          "has one use_rslora per adapter")
@@ -121,7 +109,7 @@ def _config_dict(model: nn.Module, mods, adapter_name: str, config: Any) -> dict
                "target_modules": sorted(rs),
                "r": Counter(rs.values()).most_common(1)[0][0],
                "lora_alpha": Counter(alphas.values()).most_common(1)[0][0],
-               "lora_dropout": Counter(m.lora_dropout[adapter_name] for _, m in mods).most_common(1)[0][0]}
+               "lora_dropout": Counter(o.lora_dropout for o in opts.values()).most_common(1)[0][0]}
         if config is not None:
             out.update(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                        init_lora_weights=config.init_lora_weights)
@@ -134,14 +122,57 @@ def _config_dict(model: nn.Module, mods, adapter_name: str, config: Any) -> dict
     return out
 
 
+def write_adapter_files(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict, *,
+                        group: dist.ProcessGroup | None = None) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` once, for every calling rank.
+
+    Every rank of ``group`` calls it. The group's rank 0 writes; then every rank waits for its
+    outcome (a broadcast, so this is also the barrier after the write), and an error on the writer
+    (disk full, permissions, a bad tensor) is raised on every rank, not only on the writer. When it
+    returns, every rank can read the files.
+
+    Args:
+        path: the output directory (created).
+        tensors: ``{key: CPU tensor}``.
+        config: the ``adapter_config.json`` content.
+        group: the ranks that call it (default: every rank of the job).
+
+    Raises:
+        OSError: the write failed on the writer (the message says why), on every rank.
+
+    Example:
+        >>> # write_adapter_files("out/adapter", {"base_model.model.fc1.lora_A.weight": a, ...}, cfg)
+    """
+    from safetensors.torch import save_file
+
+    distributed = dist.is_available() and dist.is_initialized()
+    error = None
+    if not distributed or dist.get_rank(group) == 0:
+        try:
+            os.makedirs(path, exist_ok=True)
+            save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+            with open(os.path.join(path, CONFIG_NAME), "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True, default=str)
+        except Exception as e:  # reported to every rank below, then raised everywhere
+            error = f"{type(e).__name__}: {e}"
+    if distributed:
+        outcome = [error]
+        dist.broadcast_object_list(outcome, group_src=0, group=group)
+        error = outcome[0]
+    if error is not None:
+        raise OSError(f"writing the adapter to {os.fspath(path)!r} failed on the writing rank: {error}")
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str | None = None,
-                 config: Any = None) -> dict[str, torch.Tensor]:
+                 config: Any = None, group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
     """Write one adapter of a TP model in PEFT's format: full A and B, gathered, written on rank 0.
 
-    Every rank of the model's TP group(s) must call it (each layer all-gathers its sharded
-    factor). Global rank 0 (or the only process) writes ``adapter_model.safetensors`` and
-    ``adapter_config.json``; then the TP group of the first layer waits at a barrier, so its
-    ranks can read the files right away.
+    Every rank of ``group`` (default: the whole job) must call it: each layer all-gathers its
+    sharded factor over its TP group, and with data parallelism every replica gathers its own.
+    Everything that can be wrong with the model or the adapter is checked on every rank before the
+    first collective; the group's rank 0 then writes ``adapter_model.safetensors`` and
+    ``adapter_config.json`` (``write_adapter_files``), and every rank returns only once the files
+    exist, or raises the writer's error.
 
     Args:
         model: a model holding our LoRA modules (a ``PeftModel`` or a bare Megatron model).
@@ -151,36 +182,31 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
             PeftModel's config for ``adapter_name``, else one derived from the layers). The
             written ``rank_pattern``/``alpha_pattern`` get exact-name entries wherever a layer's
             r or alpha differs from what the config would give it.
+        group: the ranks that call it (default: every rank of the job); its rank 0 writes.
 
     Returns:
         ``{key: full tensor}`` exactly as written (on every rank), keys
         ``base_model.model.<module>.lora_A.weight`` ``[r, K]`` / ``.lora_B.weight`` ``[N, r]``.
 
+    Raises:
+        ValueError: no LoRA layers, an unknown or ambiguous adapter, or options PEFT's format cannot
+            hold (every rank alike, before any collective). OSError: the write failed.
+
     Example:
         >>> # save_adapter(peft_model, "out/adapter")            # at TP=2, on both ranks
         >>> # dense = PeftModel.from_pretrained(dense_model, "out/adapter")
     """
-    from safetensors.torch import save_file
-
     mods = lora_modules(model)
     if not mods:
         raise ValueError("model must contain ColumnParallelLoRA/RowParallelLoRA modules; found none")
     name = _resolve_adapter(model, mods, adapter_name)
+    cfg = _config_dict(model, mods, name, config)  # rank-symmetric: it may raise, before any collective
     tensors: dict[str, torch.Tensor] = {}
     for mod_name, m in mods:
         a, b = gather_full_factors(m, name)
         tensors[_key(mod_name, "lora_A")] = a.cpu().contiguous()
         tensors[_key(mod_name, "lora_B")] = b.cpu().contiguous()
-    writer = not dist.is_initialized() or dist.get_rank() == 0
-    if writer:
-        os.makedirs(path, exist_ok=True)
-        cfg = _config_dict(model, mods, name, config)
-        save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True, default=str)
-    group = mods[0][1].tp_group
-    if D.group_size(group) > 1:
-        dist.barrier(group=group)
+    write_adapter_files(path, tensors, cfg, group=group)
     return tensors
 
 

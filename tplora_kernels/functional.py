@@ -2,51 +2,26 @@
 
 These validate every argument *before* any collective, from what every rank sees alike
 (shapes, dtypes, devices, options), so a bad call raises the same error on every rank and no rank
-is left waiting in a collective. Then they flatten the leading dimensions into rows, draw the
-dropout seed, and call the autograd Functions.
+is left waiting in a collective. Then they flatten the leading dimensions into rows, resolve the
+backend and the dropout seed once (``backends``, ``rng``), and call the autograd Functions.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.distributed as dist
 
 from . import distributed as D
-from ._backend import resolve_backend
 from .autograd import Plan, _ColumnParallelLoRAFn, _RowParallelLoRAFn
+from .backends import Backend, get_backend
+from .config import check_dropout, check_scale
 from .mappings import base_parallel_linear
 from .mask import dropout_threshold
+from .rng import SeedLike, check_seed, draw_seed, resolve_seed
 
 __all__ = ["column_parallel_lora", "draw_seed", "parallel_linear", "row_parallel_lora"]
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def draw_seed(device: torch.device | str) -> torch.Tensor:
-    """A fresh dropout seed from torch's default generator on ``device``, as a device tensor.
-
-    Drawing on the device avoids a host sync. Megatron seeds that generator alike on every TP
-    rank, and its activation checkpointing restores it before recompute, so every rank and the
-    recompute draw the same seed.
-
-    Returns:
-        ``[1]`` int64 tensor in ``[0, 2^63)`` on ``device``.
-
-    Example:
-        >>> draw_seed("cpu").shape
-        torch.Size([1])
-    """
-    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device)
-
-
-def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
-    if seed is None:
-        return draw_seed(device)
-    if isinstance(seed, torch.Tensor):
-        return seed.reshape(1).to(device=device, dtype=torch.int64)
-    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
 def _check_tensor(name: str, t, *, dims: int | None = None) -> None:
@@ -56,8 +31,13 @@ def _check_tensor(name: str, t, *, dims: int | None = None) -> None:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
 
 
-def _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -> int:
-    """Checks shared by both modes; returns the dropout threshold."""
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in _ACT_DTYPES:
+        raise TypeError(f"out_dtype must be None or one of float32, float16, bfloat16, got {out_dtype!r}")
+
+
+def _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -> tuple[float, int]:
+    """Checks shared by both modes; returns (scale, dropout threshold)."""
     _check_tensor("x", x)
     _check_tensor("weight", weight, dims=2)
     _check_tensor("lora_a", lora_a, dims=2)
@@ -86,24 +66,80 @@ def _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -> int:
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("the base weight and bias must be frozen (requires_grad=False): LoRA computes no "
                          "base weight gradient")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if not (math.isfinite(dropout_p) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if seed is not None and not isinstance(seed, (int, torch.Tensor)):
-        raise TypeError(f"seed must be None, an int or an int64 tensor, got {type(seed).__name__}")
-    if isinstance(seed, torch.Tensor) and (seed.numel() != 1 or seed.dtype.is_floating_point):
-        raise ValueError(f"seed tensor must hold one integer, got shape {tuple(seed.shape)} {seed.dtype}")
-    return dropout_threshold(float(dropout_p))
+    scale = check_scale("scale", scale)
+    thr = dropout_threshold(check_dropout("dropout_p", dropout_p))
+    check_seed(seed)
+    return scale, thr
+
+
+def _lead(x: torch.Tensor, K: int, what: str) -> None:
+    if x.shape[-1] != K:
+        raise ValueError(f"x's hidden size must be {what} {K}, got x of shape {tuple(x.shape)}")
+    if K == 0:
+        raise ValueError(f"the layer's input size must be >= 1, got x of shape {tuple(x.shape)}")
+
+
+def _column(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence_parallel, gather_output, group,
+            backend, out_dtype) -> tuple[torch.Tensor, Plan]:
+    scale, thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+    _check_out_dtype(out_dtype)
+    K = weight.shape[1]
+    _lead(x, K, "the layer's input size")
+    if lora_a.shape[1] != K or lora_b.shape[0] != weight.shape[0]:
+        raise ValueError(f"column-parallel LoRA expects lora_a [r, {K}] and lora_b [{weight.shape[0]}, r], "
+                         f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    world, rank = D.group_size(group), D.group_rank(group)
+    sp = bool(sequence_parallel) and world > 1
+    if sp and x.dim() < 2:
+        raise ValueError(f"sequence_parallel needs x with a sequence dimension, got shape {tuple(x.shape)}")
+    T = x.numel() // K * (world if sp else 1)
+    be = get_backend(x.device, backend, gemm=(x.dtype, lora_a.dtype, weight.shape[0], K, lora_a.shape[0], T, group))
+    seed_t = resolve_seed(seed, x.device) if thr else None
+    plan = Plan(group, world, rank, scale, thr, sp, be, gather_output=bool(gather_output) and world > 1,
+                out_dtype=out_dtype)
+    lead = list(x.shape[:-1])
+    if sp:
+        lead[0] *= world
+    y = _ColumnParallelLoRAFn.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, seed_t, plan)
+    return y.view(*lead, y.shape[-1]), plan
+
+
+def _row(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence_parallel, input_is_parallel, group,
+         backend, out_dtype) -> tuple[torch.Tensor, Plan]:
+    scale, thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+    _check_out_dtype(out_dtype)
+    world, rank = D.group_size(group), D.group_rank(group)
+    k = weight.shape[1]
+    K = k if input_is_parallel else k * world
+    _lead(x, K, "this rank's input slice" if input_is_parallel else "the full input size")
+    if lora_a.shape[1] != k or lora_b.shape[0] != weight.shape[0]:
+        raise ValueError(f"row-parallel LoRA expects lora_a [r, {k}] and lora_b [{weight.shape[0]}, r], "
+                         f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    sp = bool(sequence_parallel) and world > 1
+    if sp and (x.dim() < 2 or x.shape[0] % world):
+        raise ValueError(f"sequence_parallel needs x's sequence dimension (dim 0) divisible by the TP size "
+                         f"{world}, got x of shape {tuple(x.shape)}")
+    T = x.numel() // K
+    be = get_backend(x.device, backend, gemm=(x.dtype, lora_a.dtype, weight.shape[0], k, lora_a.shape[0], T, group))
+    seed_t = resolve_seed(seed, x.device) if thr else None
+    plan = Plan(group, world, rank, scale, thr, sp, be, input_is_parallel=bool(input_is_parallel) or world == 1,
+                out_dtype=out_dtype)
+    lead = list(x.shape[:-1])
+    if sp:
+        lead[0] //= world
+    y = _RowParallelLoRAFn.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, seed_t, plan)
+    return y.view(*lead, y.shape[-1]), plan
 
 
 def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
                          bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
-                         seed: int | torch.Tensor | None = None, sequence_parallel: bool = False,
-                         gather_output: bool = False, group: dist.ProcessGroup | None = None,
-                         backend: str | None = None) -> torch.Tensor:
+                         seed: SeedLike = None, sequence_parallel: bool = False, gather_output: bool = False,
+                         group: dist.ProcessGroup | None = None, backend: str | Backend | None = None,
+                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LoRA on a column-parallel linear: ``y_i = X W_iᵀ + s·(drop(X) Aᵀ) B_iᵀ (+ bias_i)``.
 
     Adds no collective to the base layer's: SP gathers x's rows in forward (the base needs it)
@@ -115,13 +151,16 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
         lora_a: ``[r, K]`` LoRA A, replicated (fp32 or x's dtype).
         lora_b: ``[N/t, r]`` LoRA B shard (fp32 or x's dtype).
         bias: optional ``[N/t]`` frozen bias shard (added in the kernel epilogue).
-        scale: s = alpha/r (or alpha/sqrt(r)).
+        scale: s = alpha/r (or alpha/sqrt(r)); a real number within fp32's range.
         dropout_p: LoRA dropout probability in [0, 1) (pass 0 in eval mode).
-        seed: dropout seed; None draws one from the default generator on x's device.
+        seed: dropout seed (``rng.resolve_seed``); None draws one by ``tplora_kernels.rng``'s rule,
+            identical on every TP rank.
         sequence_parallel: x holds this rank's slice of dim 0.
         gather_output: all-gather the output columns to ``[..., N]``.
         group: the base layer's tensor-parallel group.
-        backend: ``"triton"``, ``"interpret"``, ``"torch"``, ``"auto"`` or None (env / auto).
+        backend: a ``Backend`` or ``"triton"``, ``"cublas"``, ``"interpret"``, ``"torch"``, ``"auto"``,
+            None (``TPLORA_BACKEND`` / auto).
+        out_dtype: the output's dtype (None: x's), as a base layer's ``output_dtype``.
 
     Returns:
         ``[S, ..., N/t]`` (``[S, ..., N]`` with gather_output), S = x.shape[0] · t under SP.
@@ -132,35 +171,16 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
         >>> column_parallel_lora(x, w, a, b, scale=2.0).shape
         torch.Size([4, 2, 16])
     """
-    thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-    K = weight.shape[1]
-    if x.shape[-1] != K:
-        raise ValueError(f"x's hidden size must be the layer's input size {K}, got x of shape {tuple(x.shape)}")
-    if lora_a.shape[1] != K or lora_b.shape[0] != weight.shape[0]:
-        raise ValueError(f"column-parallel LoRA expects lora_a [r, {K}] and lora_b [{weight.shape[0]}, r], "
-                         f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
-    if bias is not None and bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
-    world, rank = D.group_size(group), D.group_rank(group)
-    sp = bool(sequence_parallel) and world > 1
-    if sp and x.dim() < 2:
-        raise ValueError(f"sequence_parallel needs x with a sequence dimension, got shape {tuple(x.shape)}")
-    be = resolve_backend(x.device, backend)
-    seed_t = _seed_tensor(seed, x.device) if thr else None
-    plan = Plan(group, world, rank, float(scale), thr, sp, gather_output=bool(gather_output) and world > 1,
-                backend=be)
-    lead = list(x.shape[:-1])
-    if sp:
-        lead[0] *= world
-    y = _ColumnParallelLoRAFn.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, seed_t, plan)
-    return y.view(*lead, y.shape[-1])
+    return _column(x, weight, lora_a, lora_b, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
+                   sequence_parallel=sequence_parallel, gather_output=gather_output, group=group, backend=backend,
+                   out_dtype=out_dtype)[0]
 
 
 def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
                       bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
-                      seed: int | torch.Tensor | None = None, sequence_parallel: bool = False,
-                      input_is_parallel: bool = True, group: dist.ProcessGroup | None = None,
-                      backend: str | None = None) -> torch.Tensor:
+                      seed: SeedLike = None, sequence_parallel: bool = False, input_is_parallel: bool = True,
+                      group: dist.ProcessGroup | None = None, backend: str | Backend | None = None,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LoRA on a row-parallel linear: ``y = Σ_i [x_i W_iᵀ + s·(drop(x_i) A_iᵀ) Bᵀ] (+ bias)``.
 
     Adds no collective: one all-reduce (SP off) or reduce-scatter (SP on) of ``[z_i | u_i]``
@@ -172,13 +192,14 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
         lora_a: ``[r, K/t]`` LoRA A shard (fp32 or x's dtype).
         lora_b: ``[N, r]`` LoRA B, replicated (fp32 or x's dtype).
         bias: optional ``[N]`` frozen bias, added once after the reduction.
-        scale: s = alpha/r (or alpha/sqrt(r)).
+        scale: s = alpha/r (or alpha/sqrt(r)); a real number within fp32's range.
         dropout_p: LoRA dropout probability in [0, 1) (pass 0 in eval mode).
-        seed: dropout seed; None draws one from the default generator on x's device.
+        seed: dropout seed; None draws one by ``tplora_kernels.rng``'s rule.
         sequence_parallel: reduce-scatter the output along dim 0 (S must divide by t).
         input_is_parallel: x is already this rank's K/t slice.
         group: the base layer's tensor-parallel group.
-        backend: ``"triton"``, ``"interpret"``, ``"torch"``, ``"auto"`` or None (env / auto).
+        backend: as ``column_parallel_lora``.
+        out_dtype: the output's dtype (None: x's); the reduction then runs in it.
 
     Returns:
         ``[S, ..., N]``; under SP ``[S/t, ..., N]``.
@@ -189,36 +210,14 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
         >>> row_parallel_lora(x, w, a, b, scale=2.0).shape
         torch.Size([4, 2, 16])
     """
-    thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-    world, rank = D.group_size(group), D.group_rank(group)
-    k = weight.shape[1]
-    K = k if input_is_parallel else k * world
-    if x.shape[-1] != K:
-        what = "this rank's input slice" if input_is_parallel else "the full input size"
-        raise ValueError(f"x's hidden size must be {what} {K}, got x of shape {tuple(x.shape)}")
-    if lora_a.shape[1] != k or lora_b.shape[0] != weight.shape[0]:
-        raise ValueError(f"row-parallel LoRA expects lora_a [r, {k}] and lora_b [{weight.shape[0]}, r], "
-                         f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
-    if bias is not None and bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
-    sp = bool(sequence_parallel) and world > 1
-    if sp and (x.dim() < 2 or x.shape[0] % world):
-        raise ValueError(f"sequence_parallel needs x's sequence dimension (dim 0) divisible by the TP size "
-                         f"{world}, got x of shape {tuple(x.shape)}")
-    be = resolve_backend(x.device, backend)
-    seed_t = _seed_tensor(seed, x.device) if thr else None
-    plan = Plan(group, world, rank, float(scale), thr, sp, input_is_parallel=bool(input_is_parallel) or world == 1,
-                backend=be)
-    lead = list(x.shape[:-1])
-    if sp:
-        lead[0] //= world
-    y = _RowParallelLoRAFn.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, seed_t, plan)
-    return y.view(*lead, y.shape[-1])
+    return _row(x, weight, lora_a, lora_b, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
+                sequence_parallel=sequence_parallel, input_is_parallel=input_is_parallel, group=group,
+                backend=backend, out_dtype=out_dtype)[0]
 
 
 def parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: torch.Tensor | None = None,
                     sequence_parallel: bool = False, gather_output: bool = False, input_is_parallel: bool = True,
-                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                    group: dist.ProcessGroup | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The frozen base layer alone (no adapter), with the base layer's own collectives.
 
     What the modules run while adapters are disabled or merged. Validated like the LoRA calls.
@@ -227,6 +226,7 @@ def parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: t
         x, weight, bias, sequence_parallel, group: as ``column_parallel_lora`` / ``row_parallel_lora``.
         kind: ``"column"`` or ``"row"``.
         gather_output: column only. input_is_parallel: row only.
+        out_dtype: the output's dtype (None: x's).
 
     Returns:
         The base layer's output, shaped as the LoRA call's.
@@ -239,15 +239,17 @@ def parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: t
         raise ValueError(f"kind must be 'column' or 'row', got {kind!r}")
     _check_tensor("x", x)
     _check_tensor("weight", weight, dims=2)
+    _check_out_dtype(out_dtype)
     if x.dtype != weight.dtype:
         raise TypeError(f"x dtype {x.dtype} must match the base weight's dtype {weight.dtype}")
     world = D.group_size(group)
     k = weight.shape[1]
     K = k if kind == "column" or input_is_parallel else k * world
-    if x.shape[-1] != K:
-        raise ValueError(f"x's hidden size must be {K}, got x of shape {tuple(x.shape)}")
+    _lead(x, K, "the layer's input size" if kind == "column"
+          else "this rank's input slice" if input_is_parallel else "the full input size")
     if kind == "row" and sequence_parallel and world > 1 and (x.dim() < 2 or x.shape[0] % world):
         raise ValueError(f"sequence_parallel needs x's dim 0 divisible by the TP size {world}, "
                          f"got x of shape {tuple(x.shape)}")
-    return base_parallel_linear(x, weight, kind=kind, bias=bias, sequence_parallel=sequence_parallel,
-                                gather_output=gather_output, input_is_parallel=input_is_parallel, group=group)
+    y = base_parallel_linear(x, weight, kind=kind, bias=bias, sequence_parallel=sequence_parallel,
+                             gather_output=gather_output, input_is_parallel=input_is_parallel, group=group)
+    return y if out_dtype is None else y.to(out_dtype)

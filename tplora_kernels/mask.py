@@ -24,12 +24,15 @@ The scheme, and why:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 
 __all__ = [
     "MASK_BITS",
+    "NO_DROPOUT",
     "PHILOX_ROUNDS",
+    "DropoutSpec",
     "dropout_threshold",
     "keep_mask",
     "keep_scale",
@@ -167,3 +170,59 @@ def keep_mask(seed: int | torch.Tensor, row_start: int, n_rows: int, col_start: 
                             device=device)
         out[r0:r0 + len(rows)] = _keep_groups(seed, rows, groups, thr)[:, lead:lead + n_cols]
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class DropoutSpec:
+    """One call's dropout, as the kernels see it: seed, threshold, and where the block starts.
+
+    The mask of element ``(i, j)`` of an operand is ``keep_mask(seed, row0 + i, col0 + j, thr)``, so
+    a rank's shard (or a row slice of it) names its global position with ``row0``/``col0`` and gets
+    exactly the elements the single-device mask has there. ``shifted`` moves that origin.
+
+    Attributes:
+        seed: one-element int64 tensor on the operands' device (None when ``thr == 0``).
+        thr: ``dropout_threshold(p)``; 0 means no dropout and no mask work.
+        row0: global row of the operand's first row.
+        col0: global column of its first column.
+
+    Example:
+        >>> spec = DropoutSpec(torch.tensor([7]), dropout_threshold(0.5), row0=0, col0=16)
+        >>> spec.shifted(rows=4).row0, spec.keep_scale
+        (4, 2.0)
+    """
+
+    seed: torch.Tensor | None = None
+    thr: int = 0
+    row0: int = 0
+    col0: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.thr < _ONE:
+            raise ValueError(f"thr must be in [0, {_ONE}), got {self.thr}")
+        if self.thr and (not isinstance(self.seed, torch.Tensor) or self.seed.dtype != torch.int64
+                         or self.seed.numel() != 1):
+            raise ValueError(f"seed must be a one-element int64 tensor when dropout is on, got {self.seed!r}")
+
+    @property
+    def active(self) -> bool:
+        """True when any element can be dropped."""
+        return self.thr > 0
+
+    @property
+    def keep_scale(self) -> float:
+        """``1 / P(keep)``, the rescale of kept elements."""
+        return keep_scale(self.thr)
+
+    def shifted(self, rows: int = 0, cols: int = 0) -> DropoutSpec:
+        """The same mask seen from an operand that starts ``rows``/``cols`` further on."""
+        return replace(self, row0=self.row0 + rows, col0=self.col0 + cols)
+
+    def keep(self, n_rows: int, n_cols: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """This block's keep-mask, ``[n_rows, n_cols]`` bool (all True without dropout)."""
+        if not self.active:
+            return torch.ones(n_rows, n_cols, dtype=torch.bool, device=device)
+        return keep_mask(self.seed, self.row0, n_rows, self.col0, n_cols, self.thr, device=device)
+
+
+NO_DROPOUT = DropoutSpec()

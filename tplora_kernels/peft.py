@@ -32,8 +32,9 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .dispatch import check_config, layer_options, unwrap_base_layer
-from .modules import ColumnParallelLoRA, RowParallelLoRA
+from .adapters import OPTION_FIELDS
+from .config import check_config, layer_options
+from .modules import ColumnParallelLoRA, RowParallelLoRA, unwrap_base_layer
 
 __all__ = ["PeftColumnParallelLoRA", "PeftRowParallelLoRA", "register"]
 
@@ -44,7 +45,7 @@ class _PeftLoRAMixin:
 
     # PEFT's generic layer helpers iterate these names; ours has no embedding/DoRA containers.
     adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B")
-    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora")
+    other_param_names: tuple[str, ...] = OPTION_FIELDS
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", config: Any = None,
                  **kwargs: Any) -> None:

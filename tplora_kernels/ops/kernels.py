@@ -221,7 +221,7 @@ def _lora_dy_bwd_kernel(
     T, N, R, RPC, U_ROW0, U_ROWS,
     s_dyc, s_dym, s_dyn,
     s_bn, s_br,
-    s_uc, s_um, s_ur,
+    s_um, s_ur,
     s_duc, s_dum, s_dur,
     s_pt, s_pn, s_pr,
     scale,
@@ -263,10 +263,13 @@ def _lora_dy_bwd_kernel(
                 acc_du = tl.dot(b_dy, b_b.to(b_dy.dtype), acc_du, input_precision=PRECISION)
         if COMPUTE_DB:
             if do_db:
+                # Rows outside u's (another rank's, under row SP) are zeroed in dy, not only in u:
+                # an Inf there must not become Inf * 0 = NaN in this rank's dB.
+                b_dyu = tl.where(m_u[:, None], b_dy, 0.0)
                 if INTERP_BF16:
-                    db = tl.dot(tl.trans(b_dy.to(tl.float32)), b_u.to(tl.float32), input_precision=PRECISION)
+                    db = tl.dot(tl.trans(b_dyu.to(tl.float32)), b_u.to(tl.float32), input_precision=PRECISION)
                 else:
-                    db = tl.dot(tl.trans(b_dy), b_u.to(b_dy.dtype), input_precision=PRECISION)
+                    db = tl.dot(tl.trans(b_dyu), b_u.to(b_dy.dtype), input_precision=PRECISION)
                 tl.store(p_dbp + slot * s_pt + o_n[:, None] * s_pn + o_r[None, :] * s_pr, db,
                          mask=m_n[:, None] & m_r[None, :])
     if COMPUTE_DU:

@@ -1,18 +1,27 @@
 """The ``torch`` backend: the five kernels' math in torch ops, for CPU without the interpreter.
 
-Same signatures and the same semantics as the Triton kernels (``ops.launch`` calls one or the
-other after validating), including row-chunked outputs and the Philox mask of
-``tplora_kernels.mask``. The LoRA terms accumulate in fp32 like the kernels; the base GEMMs use
-torch's own matmul in the activation dtype. Nothing here is saved between calls.
+Same semantics as the Triton kernels (``ops.launch`` calls one or the other after validating),
+including row-chunked outputs and the Philox mask of ``tplora_kernels.mask``. The LoRA terms
+accumulate in fp32 like the kernels; the base GEMMs use torch's own matmul in the activation
+dtype (fp16/bf16 accumulate in fp32 and round once, as the kernels do).
+
+Generating the Philox mask in torch costs far more than the kernels' in-register version, and a
+backward needs the same mask twice (``linear_dx`` and ``shrink_bwd``). So inside
+``backward_scope()`` the backend keeps the masks it generated and serves any block of them again;
+leaving the scope drops them, so nothing outlives one layer's backward.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
-from ..mask import keep_mask
+from ..backends import Backend, Support, register_backend
+from ..mask import DropoutSpec
 
-__all__ = ["dy_bwd", "linear_dx", "linear_fwd", "shrink_bwd", "shrink_fwd"]
+__all__ = ["TorchBackend"]
 
 
 def _chunks(t: torch.Tensor, rpc: int) -> list[torch.Tensor]:
@@ -22,92 +31,125 @@ def _chunks(t: torch.Tensor, rpc: int) -> list[torch.Tensor]:
     return [t[i:i + rpc] for i in range(0, t.shape[0], rpc)] or [t]
 
 
-def _keep(keep, seed, thr: int, row0: int, col0: int, rows: slice, shape, device) -> torch.Tensor:
-    """The keep-mask of one row chunk: a slice of a shared precomputed mask, or generated."""
-    if keep is not None:
-        return keep[rows]
-    return keep_mask(seed, row0 + rows.start, shape[0], col0, shape[1], thr, device=device)
-
-
 def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     # A multiply, not where(): NaN/Inf in dropped elements propagate as through nn.Dropout.
     return x * keep.to(x.dtype)
 
 
-def shrink_fwd(x, a, u, seed, thr, inv_keep, row0, col0, rpc):
-    """``u = drop(x) Aᵀ`` into ``u`` (may be row-chunked)."""
-    xs, us = _chunks(x, rpc), _chunks(u, rpc)
-    for i, (xc, uc) in enumerate(zip(xs, us)):
-        rows = slice(i * rpc, i * rpc + xc.shape[0])
-        xd = _masked(xc, _keep(None, seed, thr, row0, col0, rows, xc.shape, xc.device)) if thr else xc
-        acc = torch.mm(xd.float(), a.float().t())
-        if thr:
-            acc.mul_(inv_keep)
-        uc.copy_(acc)
+class _MaskCache(threading.local):
+    """Masks generated inside one ``backward_scope``: (seed, thr, row0, col0, rows, cols) -> bool mask."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.masks: list[tuple[DropoutSpec, int, int, torch.Tensor]] = []
 
 
-def linear_fwd(x, w, u, b, bias, out, scale, rpc):
-    """``out = x Wᵀ + s·u Bᵀ (+ bias)`` into ``out`` (may be row-chunked).
+@register_backend
+class TorchBackend(Backend):
+    """The kernels' math in torch ops (any device; the tests' and the CPU bench's fused path)."""
 
-    fp32 works in place on ``out``; fp16/bf16 accumulate in fp32 and round once, as the kernel does.
-    """
-    low = x.dtype != torch.float32
-    wt = w.t().float() if low else w.t()
-    bt = b.t().float() if low else b.t().to(x.dtype)
-    for xc, uc, oc in zip(_chunks(x, rpc), _chunks(u, rpc), _chunks(out, rpc)):
-        if low:
-            acc = torch.mm(xc.float(), wt).addmm_(uc.float(), bt, alpha=scale)
+    name = "torch"
+
+    def __init__(self) -> None:
+        self._cache = _MaskCache()
+
+    @classmethod
+    def supports(cls, device: torch.device) -> Support:
+        return Support(True)
+
+    @contextlib.contextmanager
+    def backward_scope(self):
+        self._cache.depth += 1
+        try:
+            yield
+        finally:
+            self._cache.depth -= 1
+            if not self._cache.depth:
+                self._cache.masks.clear()
+
+    def _keep(self, drop: DropoutSpec, rows: int, cols: int, device) -> torch.Tensor:
+        """The keep-mask of the block at ``drop``'s origin: served from the scope's masks when they cover it."""
+        if self._cache.depth:
+            for spec, n_rows, n_cols, mask in self._cache.masks:
+                if (spec.seed is drop.seed and spec.thr == drop.thr and spec.row0 <= drop.row0
+                        and drop.row0 + rows <= spec.row0 + n_rows and spec.col0 <= drop.col0
+                        and drop.col0 + cols <= spec.col0 + n_cols):
+                    r, c = drop.row0 - spec.row0, drop.col0 - spec.col0
+                    return mask[r:r + rows, c:c + cols]
+        mask = drop.keep(rows, cols, device)
+        if self._cache.depth:
+            self._cache.masks.append((drop, rows, cols, mask))
+        return mask
+
+    def _full_keep(self, drop: DropoutSpec, x: torch.Tensor, rpc: int) -> torch.Tensor | None:
+        """One mask for all of a T-row operand's rows (so a scope can reuse it), or None without dropout."""
+        if not drop.active:
+            return None
+        return self._keep(drop, x.numel() // x.shape[-1], x.shape[-1], x.device)
+
+    def shrink_fwd(self, x, a, u, drop, x_out, rpc) -> None:
+        if x_out is not None:
+            x_out.copy_(x if x_out.dim() == 2 else x.reshape(x_out.shape))
+        keep = self._full_keep(drop, x, rpc)
+        for i, (xc, uc) in enumerate(zip(_chunks(x, rpc), _chunks(u, rpc))):
+            xd = _masked(xc, keep[i * rpc:i * rpc + xc.shape[0]]) if keep is not None else xc
+            acc = torch.mm(xd.float(), a.float().t())
+            if drop.active:
+                acc.mul_(drop.keep_scale)
+            uc.copy_(acc)
+
+    def linear_fwd(self, x, w, u, b, bias, out, scale, rpc) -> None:
+        low = x.dtype != torch.float32 or out.dtype != torch.float32
+        wt = w.t().float() if low else w.t()
+        bt = b.t().float()
+        for xc, uc, oc in zip(_chunks(x, rpc), _chunks(u, rpc), _chunks(out, rpc)):
+            if low:
+                acc = torch.mm(xc.float(), wt).addmm_(uc.float(), bt, alpha=scale)
+                if bias is not None:
+                    acc.add_(bias.float())
+                oc.copy_(acc)
+                continue
+            if oc.is_contiguous():
+                torch.mm(xc, wt, out=oc)
+            else:
+                oc.copy_(torch.mm(xc, wt))
+            oc.addmm_(uc.float(), bt, alpha=scale)
             if bias is not None:
-                acc.add_(bias.float())
-            oc.copy_(acc)
-            continue
-        if oc.is_contiguous():
-            torch.mm(xc, wt, out=oc)
-        else:
-            oc.copy_(torch.mm(xc, wt))
-        oc.addmm_(uc.to(x.dtype), bt, alpha=scale)
-        if bias is not None:
-            oc.add_(bias)
+                oc.add_(bias)
 
+    def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc):
+        dyc = _chunks(dy, rpc)
+        if du is not None:
+            bf = b.float()
+            for dc, duc in zip(dyc, _chunks(du, rpc)):
+                duc.copy_(torch.mm(dc.float(), bf).mul_(scale))
+        if u is None:
+            return None
+        dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
+        rows = dy2[u_row0:u_row0 + u.shape[0]]
+        return torch.mm(rows.float().t(), u.float()).mul_(scale)
 
-def dy_bwd(dy, b, u, du, scale, u_row0, rpc):
-    """``du = s·dy B`` into ``du`` (if given); returns fp32 ``dB = s·dy[rows of u]ᵀ u`` (if u given)."""
-    dyc = _chunks(dy, rpc)
-    if du is not None:
-        bf = b.float()
-        for dc, duc in zip(dyc, _chunks(du, rpc)):
-            duc.copy_(torch.mm(dc.float(), bf).mul_(scale))
-    if u is None:
-        return None
-    dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
-    rows = dy2[u_row0:u_row0 + u.shape[0]]
-    return torch.mm(rows.float().t(), u.float()).mul_(scale)
+    def linear_dx(self, dy, w, du, a, dx, drop, rpc) -> None:
+        af = a.float()
+        keep = self._full_keep(drop, dx, rpc)
+        for i, (dc, duc, xc) in enumerate(zip(_chunks(dy, rpc), _chunks(du, rpc), _chunks(dx, rpc))):
+            # 1/(1-p) scales du (T×r), not the T×K product.
+            lora = torch.mm(duc.float() * drop.keep_scale if drop.active else duc.float(), af)
+            if keep is not None:
+                lora.mul_(keep[i * rpc:i * rpc + lora.shape[0]])
+            if xc.is_contiguous() and dc.dtype == torch.float32 and xc.dtype == torch.float32:
+                torch.mm(dc, w, out=xc)
+                xc.add_(lora)
+            else:  # fp16/bf16: accumulate in fp32, round once
+                xc.copy_(torch.mm(dc.float(), w.float()).add_(lora))
 
-
-def linear_dx(dy, w, du, a, dx, seed, thr, inv_keep, row0, col0, rpc, keep=None):
-    """``dx = dy W + (du A) ⊙ M / (1-p)`` into ``dx`` (may be row-chunked); ``keep``: shared mask."""
-    af = a.float()
-    for i, (dc, duc, xc) in enumerate(zip(_chunks(dy, rpc), _chunks(du, rpc), _chunks(dx, rpc))):
-        # 1/(1-p) scales du (T×r), not the T×K product.
-        lora = torch.mm(duc.float() * inv_keep if thr else duc.float(), af)
-        if thr:
-            rows = slice(i * rpc, i * rpc + lora.shape[0])
-            lora.mul_(_keep(keep, seed, thr, row0, col0, rows, lora.shape, lora.device))
-        if xc.is_contiguous() and dc.dtype == torch.float32:
-            torch.mm(dc, w, out=xc)
-            xc.add_(lora)
-        else:  # fp16/bf16: accumulate in fp32, round once
-            xc.copy_(torch.mm(dc.float(), w.float()).add_(lora))
-
-
-def shrink_bwd(du, x, seed, thr, inv_keep, row0, col0, rpc, keep=None):
-    """Returns fp32 ``dA = duᵀ drop(x)``; ``keep``: shared mask."""
-    acc = None
-    for i, (duc, xc) in enumerate(zip(_chunks(du, rpc), _chunks(x, rpc))):
-        rows = slice(i * rpc, i * rpc + xc.shape[0])
-        xd = _masked(xc, _keep(keep, seed, thr, row0, col0, rows, xc.shape, xc.device)) if thr else xc
-        part = torch.mm(duc.float().t(), xd.float())
-        acc = part if acc is None else acc.add_(part)
-    if thr:
-        acc.mul_(inv_keep)
-    return acc
+    def shrink_bwd(self, du, x, drop, rpc):
+        keep = self._full_keep(drop, x, rpc)
+        acc = None
+        for i, (duc, xc) in enumerate(zip(_chunks(du, rpc), _chunks(x, rpc))):
+            xd = _masked(xc, keep[i * rpc:i * rpc + xc.shape[0]]) if keep is not None else xc
+            part = torch.mm(duc.float().t(), xd.float())
+            acc = part if acc is None else acc.add_(part)
+        if drop.active:
+            acc.mul_(drop.keep_scale)
+        return acc

@@ -1,0 +1,440 @@
+"""Adapters of one layer: their options, factors, initialisation, registry and merging.
+
+``AdapterOptions`` is one adapter's hyper-parameters (one value, not five dicts kept in step).
+``AdapterMixin`` gives a LoRA layer PEFT's LoraLayer vocabulary (``add_adapter``/``update_layer``,
+``set_adapter``, ``delete_adapter``, ``enable_adapters``, ``merge``/``unmerge``/
+``get_delta_weight``) over that registry, so ``tplora_kernels.peft`` only has to add PEFT's base
+class. PEFT reads ``r``, ``lora_alpha``, ``scaling``, ``lora_dropout`` and ``use_rslora`` as
+``{adapter: value}`` dicts; here they are views of the registry (writes go through).
+
+Factors are created on every rank from the **full** A ``[r, K]`` and B ``[N, r]``, drawn from
+one generator state and sliced by the layer's ``TPLayout``, so the model at TP=4 is the model at
+TP=1 and A's spread does not grow with the TP size.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Iterator, MutableMapping
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import nn
+
+from .config import check_dropout, check_init, check_rank, check_scale
+
+__all__ = ["AdapterMixin", "AdapterOptions", "LoRAFactor", "init_full_factors"]
+
+# Attributes Megatron reads from a parameter (TP layout, SP gradient sum, DDP grouping).
+MEGATRON_PARAM_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel",
+                        "allreduce")
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """One adapter's options.
+
+    Attributes:
+        r: rank. lora_alpha: alpha. lora_dropout: dropout probability. use_rslora: scale by
+        alpha/sqrt(r) instead of alpha/r. scaling: the LoRA scale s (derived unless set).
+
+    Example:
+        >>> AdapterOptions.build(r=8, lora_alpha=16).scaling
+        2.0
+    """
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+    scaling: float
+
+    @classmethod
+    def build(cls, r: int, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
+              use_rslora: bool = False) -> AdapterOptions:
+        """Validated options; ``scaling`` from alpha and r."""
+        r = check_rank("r", r)
+        alpha = check_scale("lora_alpha", lora_alpha)
+        return cls(r, alpha, check_dropout("lora_dropout", lora_dropout), bool(use_rslora),
+                   alpha / (math.sqrt(r) if use_rslora else r))
+
+
+class LoRAFactor(nn.Module):
+    """Holder of one LoRA factor, so state-dict keys read ``lora_A.<adapter>.weight`` as in PEFT.
+
+    Re-assigning ``weight`` (PEFT's fp32 up-cast does) carries Megatron's parameter attributes
+    (``tensor_model_parallel``, ``partition_dim``, ``partition_stride``, ``sequence_parallel``,
+    ``allreduce``) over to the new Parameter.
+
+    Args:
+        weight: the (local shard of the) factor, ``[r, K]``/``[r, K/t]`` for A, ``[N, r]``/``[N/t, r]`` for B.
+
+    Example:
+        >>> f = LoRAFactor(torch.zeros(2, 4))
+        >>> f.weight.tensor_model_parallel = True
+        >>> f.weight = torch.nn.Parameter(torch.zeros(2, 4, dtype=torch.float64))
+        >>> f.weight.tensor_model_parallel
+        True
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        # Keep the Parameter object itself: it carries Megatron's TP/SP attributes.
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+
+    def __setattr__(self, name: str, value) -> None:
+        # A re-assigned factor (PEFT's fp32 up-cast builds a new Parameter) keeps Megatron's
+        # TP/SP attributes: losing them would silently break grad reduction and checkpoints.
+        old = self.__dict__.get("_parameters", {}).get("weight") if name == "weight" else None
+        if old is not None and isinstance(value, torch.Tensor) and value is not old:
+            if not isinstance(value, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=old.requires_grad)
+            for attr in MEGATRON_PARAM_ATTRS:
+                if hasattr(old, attr) and not hasattr(value, attr):
+                    setattr(value, attr, getattr(old, attr))
+        super().__setattr__(name, value)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}"
+
+
+def init_full_factors(r: int, in_features: int, out_features: int,
+                      init: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw the **full** A ``[r, K]`` and B ``[N, r]`` on CPU from torch's default generator.
+
+    Every TP rank draws the same full matrices (Megatron seeds the CPU generator alike on all TP
+    ranks) and keeps its slice, so the model at TP=4 is the model at TP=1.
+
+    Args:
+        r: LoRA rank.
+        in_features: K of the full layer.
+        out_features: N of the full layer.
+        init: True (kaiming-uniform A as nn.Linear, B = 0), ``"gaussian"`` (A ~ N(0, 1/r²) as
+            PEFT, B = 0) or False (both kaiming-uniform: a non-identity adapter, for tests).
+
+    Returns:
+        ``(A [r, K], B [N, r])`` in fp32 on CPU.
+
+    Example:
+        >>> a, b = init_full_factors(4, 16, 8, True)
+        >>> a.shape, b.shape, bool(b.abs().sum() == 0)
+        (torch.Size([4, 16]), torch.Size([8, 4]), True)
+    """
+    a = torch.empty(r, in_features)
+    b = torch.zeros(out_features, r)
+    if init == "gaussian":
+        nn.init.normal_(a, std=1.0 / r)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    if init is False:
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    return a, b
+
+
+class _OptionView(MutableMapping):
+    """``{adapter: options.<field>}`` over the registry: what PEFT reads (and ``set_scale`` writes)."""
+
+    def __init__(self, options: dict[str, AdapterOptions], field: str) -> None:
+        self._options, self._field = options, field
+
+    def __getitem__(self, name: str):
+        return getattr(self._options[name], self._field)
+
+    def __setitem__(self, name: str, value) -> None:
+        self._options[name] = replace(self._options[name], **{self._field: value})
+
+    def __delitem__(self, name: str) -> None:
+        # The adapter itself is removed by delete_adapter(); PEFT's generic clean-up may come after.
+        self._options.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._options)
+
+    def __len__(self) -> int:
+        return len(self._options)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+class AdapterMixin:
+    """The adapter registry and merging of a LoRA layer (PEFT's LoraLayer vocabulary).
+
+    The host module provides ``self.spec`` (a ``base.BaseSpec``), ``self.base_layer`` and
+    ``self.lora_dtype``, and calls ``_init_adapters()`` in its ``__init__``.
+    """
+
+    def _init_adapters(self) -> None:
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self._options: dict[str, AdapterOptions] = {}
+        self._active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+
+    # PEFT's per-adapter dicts, as views of the registry.
+    r = property(lambda self: _OptionView(self._options, "r"))
+    lora_alpha = property(lambda self: _OptionView(self._options, "lora_alpha"))
+    scaling = property(lambda self: _OptionView(self._options, "scaling"))
+    lora_dropout = property(lambda self: _OptionView(self._options, "lora_dropout"))
+    use_rslora = property(lambda self: _OptionView(self._options, "use_rslora"))
+
+    def adapter_options(self, name: str) -> AdapterOptions:
+        """The options of adapter ``name``."""
+        self._check_adapter(name)
+        return self._options[name]
+
+    # -- construction ------------------------------------------------------------------------
+    def _create_adapter(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
+                        init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
+        # The one place that builds an adapter. ``update_layer`` and ``add_adapter`` are its
+        # public faces; the PEFT subclass overrides ``update_layer`` with PEFT's signature.
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        options = AdapterOptions.build(r, lora_alpha, lora_dropout, use_rslora)
+        init = check_init(init_lora_weights)
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before replacing it")
+        full_a, full_b = init_full_factors(options.r, self.spec.in_features, self.spec.out_features, init)
+        a, b = self.spec.layout.shard_factors(full_a, full_b, self.spec.rank, self.spec.world)
+        like = self._factor_like()
+        dtype = self.lora_dtype or like.dtype
+        pa = nn.Parameter(a.to(device=like.device, dtype=dtype).contiguous())
+        pb = nn.Parameter(b.to(device=like.device, dtype=dtype).contiguous())
+        for which, p in (("lora_A", pa), ("lora_B", pb)):
+            self.spec.layout.mark(p, which, sequence_parallel=self.spec.sequence_parallel,
+                                  allreduce=not self.spec.is_expert)
+        trainable = self._active_adapter in (None, adapter_name) and not self._disable_adapters
+        pa.requires_grad_(trainable)
+        pb.requires_grad_(trainable)
+        self.lora_A[adapter_name] = LoRAFactor(pa)
+        self.lora_B[adapter_name] = LoRAFactor(pb)
+        self._options[adapter_name] = options
+
+    def _factor_like(self) -> torch.Tensor:
+        """A tensor whose device and dtype new factors take (the base weight, or any base parameter)."""
+        w = getattr(self.base_layer, "weight", None)
+        if w is not None:
+            return w
+        return next(iter(self.base_layer.parameters()), torch.empty(0))
+
+    def update_layer(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
+        """Create (or replace) adapter ``adapter_name``; the active adapter does not change.
+
+        The full factors are drawn from torch's default CPU generator and sliced, so the result
+        does not depend on the TP size. A new adapter that is not the active one is frozen.
+
+        Args:
+            adapter_name: key in ``lora_A`` / ``lora_B``.
+            r: rank (>= 1).
+            lora_alpha: alpha (finite).
+            lora_dropout: dropout probability in [0, 1).
+            init_lora_weights: True, False or ``"gaussian"`` (see ``init_full_factors``).
+            use_rslora: scale by alpha/sqrt(r) instead of alpha/r.
+
+        Example:
+            >>> # layer.update_layer("default", 16, lora_alpha=32)   # re-initialise "default" at r=16
+        """
+        self._create_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             init_lora_weights=init_lora_weights, use_rslora=use_rslora)
+
+    def add_adapter(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
+                    init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
+        """Add a new named adapter beside the existing ones (it stays inactive and frozen).
+
+        Args: as ``update_layer``.
+
+        Raises:
+            ValueError: ``adapter_name`` already exists (use ``update_layer`` to replace it).
+
+        Example:
+            >>> # layer.add_adapter("math", 8, lora_alpha=16); layer.set_adapter("math")
+        """
+        if adapter_name in self.lora_A:
+            raise ValueError(f"adapter_name {adapter_name!r} already exists on this layer "
+                             f"({sorted(self.lora_A)}); use update_layer() to replace it")
+        self._create_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             init_lora_weights=init_lora_weights, use_rslora=use_rslora)
+
+    def load_full_factors(self, adapter_name: str, full_a: torch.Tensor, full_b: torch.Tensor) -> None:
+        """Copy this rank's slices of the **full** A ``[r, K]`` and B ``[N, r]`` into ``adapter_name``.
+
+        No communication: every rank passes the same full tensors and keeps its own slice.
+
+        Args:
+            adapter_name: an existing adapter whose rank equals ``full_a.shape[0]``.
+            full_a: ``[r, K]``. full_b: ``[N, r]`` (any float dtype/device; copied and cast).
+
+        Example:
+            >>> # a, b = init_full_factors(8, layer.in_features, layer.out_features, False)
+            >>> # layer.load_full_factors("default", a, b)
+        """
+        self._check_adapter(adapter_name)
+        r = self._options[adapter_name].r
+        want_a, want_b = (r, self.spec.in_features), (self.spec.out_features, r)
+        if tuple(full_a.shape) != want_a or tuple(full_b.shape) != want_b:
+            raise ValueError(f"full_a/full_b must be [r, K]={list(want_a)} and [N, r]={list(want_b)} for adapter "
+                             f"{adapter_name!r}, got {list(full_a.shape)} and {list(full_b.shape)}")
+        a, b = self.spec.layout.shard_factors(full_a, full_b, self.spec.rank, self.spec.world)
+        with torch.no_grad():
+            self.lora_A[adapter_name].weight.copy_(a)
+            self.lora_B[adapter_name].weight.copy_(b)
+
+    # -- registry ------------------------------------------------------------------------------
+    def _check_adapter(self, name: str) -> None:
+        if name not in self._options:
+            raise ValueError(f"unknown adapter {name!r}; this layer has {sorted(self._options)}")
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The active adapter's name (None once every adapter is deleted)."""
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapter names (at most one: the fused kernels apply one adapter per call)."""
+        return [] if self._active_adapter is None else [self._active_adapter]
+
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_names`` (one name, or a one-element list) the active adapter.
+
+        Its factors become trainable (unless ``inference_mode``); every other adapter is frozen.
+        A merged adapter is unmerged first, as PEFT's model-level ``set_adapter`` does.
+
+        Args:
+            adapter_names: the adapter to activate.
+            inference_mode: keep the activated adapter frozen.
+
+        Example:
+            >>> # layer.set_adapter("math")
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if len(names) != 1:
+            raise ValueError(f"adapter_names must name exactly one adapter (the fused kernels apply one at a "
+                             f"time), got {names}")
+        self._check_adapter(names[0])
+        if self.merged and names[0] != self._active_adapter:
+            warnings.warn(f"set_adapter({names[0]!r}) on a merged layer: unmerging {self.merged_adapters} first",
+                          stacklevel=2)
+            self.unmerge()
+        self._active_adapter = names[0]
+        for n in self.lora_A:
+            flag = n == names[0] and not inference_mode
+            self.lora_A[n].weight.requires_grad_(flag)
+            self.lora_B[n].weight.requires_grad_(flag)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` (unmerging first if merged).
+
+        Deleting the active adapter activates the first remaining one in sorted order, the same
+        on every layer (PEFT's rule), or none if it was the last.
+        """
+        self._check_adapter(adapter_name)
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+        del self.lora_A[adapter_name]
+        del self.lora_B[adapter_name]
+        del self._options[adapter_name]
+        if self._active_adapter == adapter_name:
+            self._active_adapter = None
+            if self._options:
+                self.set_adapter(sorted(self._options)[0])
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while adapters are disabled (forward runs the base layer alone)."""
+        return self._disable_adapters
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Enable (True) or disable (False) the adapters without touching their values.
+
+        As in PEFT, disabling freezes every factor and enabling makes the active one trainable
+        again.
+
+        Example:
+            >>> # layer.enable_adapters(False); y_base, _ = layer(x); layer.enable_adapters(True)
+        """
+        if enabled:
+            self._disable_adapters = False
+            if self._active_adapter is not None:
+                self.set_adapter(self._active_adapter)
+        else:
+            for d in (self.lora_A, self.lora_B):
+                for f in d.values():
+                    f.weight.requires_grad_(False)
+            self._disable_adapters = True
+
+    # -- merge -------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        """True while at least one adapter is merged into the base weight."""
+        return bool(self.merged_adapters)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """This rank's ``s · (B A)`` shard, the same shape and dtype as the base weight. TP-local.
+
+        The local factors are the layout's slices, so the product is exactly the local slice of
+        the full ``s · B A`` (a gated fc1's ``[gate_i; up_i]`` rows included).
+
+        Returns:
+            column ``[N/t, K]`` (``s·B_i A``), row ``[N, K/t]`` (``s·B A_i``).
+
+        Example:
+            >>> # layer.base_layer.weight + layer.get_delta_weight("default")  # the merged shard
+        """
+        self._check_adapter(adapter)
+        a = self.lora_A[adapter].weight.detach().float()
+        b = self.lora_B[adapter].weight.detach().float()
+        return (b @ a).mul_(self._options[adapter].scaling).to(self._factor_like().dtype)
+
+    def _mergeable_weight(self) -> torch.Tensor:
+        if self.spec.external_weight:
+            raise ValueError(f"cannot merge into this {self.spec.type_name}: its weight is passed at call time "
+                             "(tied to the embedding), and merging would change the embedding too")
+        return self.base_layer.weight
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active (or named) adapters' deltas into the base weight shard. TP-local.
+
+        Args:
+            safe_merge: check the merged weight for inf/NaN before writing it (raises ValueError).
+            adapter_names: adapters to merge (default: the active one).
+
+        Example:
+            >>> # layer.merge(); y, _ = layer(x)   # base-only kernel, same output
+        """
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._check_adapter(name)
+        weight = self._mergeable_weight() if names else None
+        for name in names:
+            if name in self.merged_adapters:
+                warnings.warn(f"adapter {name!r} is already merged; merging it again is skipped", stacklevel=2)
+                continue
+            delta = self.get_delta_weight(name)
+            with torch.no_grad():
+                if safe_merge:
+                    merged = weight + delta
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(f"safe_merge: merging adapter {name!r} gives a non-finite weight on TP "
+                                         f"rank {self.spec.rank}; the adapter is broken")
+                    weight.copy_(merged)
+                else:
+                    weight.add_(delta)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's delta again (exact up to rounding in the weight dtype). TP-local."""
+        if not self.merged_adapters:
+            warnings.warn("unmerge() called but no adapter is merged; nothing to do", stacklevel=2)
+            return
+        weight = self._mergeable_weight()
+        with torch.no_grad():
+            while self.merged_adapters:
+                weight.sub_(self.get_delta_weight(self.merged_adapters.pop()))
+
+
+# PEFT iterates these names when it cleans up an adapter; keep them the fields' names.
+OPTION_FIELDS = tuple(f.name for f in fields(AdapterOptions))

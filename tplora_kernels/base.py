@@ -1,0 +1,181 @@
+"""What the LoRA modules need to know about a base layer, and the recognisers that tell them.
+
+A ``BaseSpec`` is built once per wrapped layer by the first recogniser that accepts it. It holds
+the layer's TP mode and layout (partition stride included), full sizes, group, mode flags, how to
+reach its weight and bias, and nothing else; the modules never read a base layer's attributes
+themselves. A base layer of another family (Transformer Engine, an expert GEMM, ...) plugs in by
+registering a recogniser here; until then it is refused with a message listing what is supported.
+
+megatron-core's ``ColumnParallelLinear`` and ``RowParallelLinear`` (subclasses included) are
+registered below. Options of theirs that change the weight's meaning or the layer's
+communication pattern are refused by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import distributed as D
+from .layout import TPLayout, layout_for
+
+__all__ = ["BaseSpec", "UnsupportedBase", "describe", "register_recogniser", "supported_bases"]
+
+
+class UnsupportedBase(ValueError):
+    """The base layer is of a supported type but uses an option these modules cannot reproduce."""
+
+
+@dataclass(frozen=True, eq=False)
+class BaseSpec:
+    """A base parallel linear, as the LoRA modules see it.
+
+    Attributes:
+        kind: ``"column"`` or ``"row"``.
+        layout: the TP layout of its tensors (with the weight's partition stride).
+        in_features: K of the full layer. out_features: N of the full layer.
+        group: its tensor-parallel group (None: the default group). world/rank: size and rank in it.
+        sequence_parallel: SP on (False when world == 1).
+        gather_output: column: all-gather the output columns.
+        input_is_parallel: row: x is already split along K.
+        skip_bias_add: return the bias instead of adding it.
+        external_weight: the weight is passed at call time (a tied output layer), not owned.
+        is_expert: an MoE expert's layer (its parameters are reduced over the expert-DP group).
+        output_dtype: the base GEMM's output dtype when it differs from the input's, else None.
+        type_name: the base layer's class name, for messages.
+    """
+
+    kind: str
+    layout: TPLayout
+    in_features: int
+    out_features: int
+    group: dist.ProcessGroup | None
+    world: int
+    rank: int
+    sequence_parallel: bool
+    gather_output: bool
+    input_is_parallel: bool
+    skip_bias_add: bool
+    external_weight: bool
+    is_expert: bool
+    output_dtype: torch.dtype | None
+    type_name: str
+
+    def weight(self, base: nn.Module, override: torch.Tensor | None = None) -> torch.Tensor:
+        """The local weight shard: the call-time ``override`` for an external weight, else the layer's."""
+        if override is not None:
+            return override
+        if self.external_weight:
+            raise ValueError(f"this {self.type_name} has no weight of its own (skip_weight_param_allocation=True); "
+                             "pass weight= at call time, as its owner does")
+        return base.weight
+
+
+Recogniser = Callable[[nn.Module], "BaseSpec | None"]
+_RECOGNISERS: list[tuple[str, Recogniser]] = []
+
+
+def register_recogniser(description: str, fn: Recogniser) -> None:
+    """Add a recogniser: ``fn(module)`` returns a ``BaseSpec``, None (not mine), or raises ``UnsupportedBase``.
+
+    Args:
+        description: what it recognises, for the "supported" list in error messages.
+        fn: the recogniser. Later registrations are tried first.
+
+    Example:
+        >>> # register_recogniser("my TE linear", lambda m: spec_of(m) if isinstance(m, MyLinear) else None)
+    """
+    _RECOGNISERS.insert(0, (description, fn))
+
+
+def supported_bases() -> list[str]:
+    """Descriptions of every registered recogniser.
+
+    Example:
+        >>> any("ColumnParallelLinear" in s for s in supported_bases())
+        True
+    """
+    return [d for d, _ in _RECOGNISERS]
+
+
+def describe(module: nn.Module, kind: str | None = None) -> BaseSpec:
+    """The ``BaseSpec`` of ``module``.
+
+    Args:
+        module: a base layer.
+        kind: require this mode (``"column"``/``"row"``), e.g. for ``ColumnParallelLoRA``.
+
+    Raises:
+        TypeError: no recogniser accepts ``module`` (the message lists the supported types), or it
+            is of the other kind.
+        UnsupportedBase: it is supported but uses an option named in the message.
+
+    Example:
+        >>> describe(nn.Linear(2, 2))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: cannot wrap Linear: supported base layers are megatron-core ColumnParallelLinear / ...
+    """
+    for _, fn in _RECOGNISERS:
+        spec = fn(module)
+        if spec is not None:
+            if kind is not None and spec.kind != kind:
+                raise TypeError(f"expected a {kind}-parallel base layer, got {spec.type_name} ({spec.kind}-parallel)")
+            return spec
+    raise TypeError(f"cannot wrap {type(module).__name__}: supported base layers are "
+                    + "; ".join(sorted(supported_bases())))
+
+
+# ---------------------------------------------------------------------------------------------
+# megatron-core
+# ---------------------------------------------------------------------------------------------
+def _megatron_kind(module: nn.Module) -> str | None:
+    try:
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    except ImportError:
+        return None
+    if isinstance(module, ColumnParallelLinear):
+        return "column"
+    if isinstance(module, RowParallelLinear):
+        return "row"
+    return None
+
+
+def _megatron_spec(module: nn.Module) -> BaseSpec | None:
+    kind = _megatron_kind(module)
+    if kind is None:
+        return None
+    name = type(module).__name__
+    bad = []
+    if getattr(module, "explicit_expert_comm", False):
+        bad.append("explicit_expert_comm=True (an expert layer under expert tensor/expert parallelism, whose "
+                   "communication the MoE token dispatcher does)")
+    if getattr(module, "disable_grad_reduce", False):
+        bad.append("disable_grad_reduce=True")
+    if getattr(module, "gtp_remat_size", 1) > 1:
+        bad.append(f"gtp_remat_size={module.gtp_remat_size} (generalized-TP weight rematerialisation: the weight is "
+                   "a further shard)")
+    weight = getattr(module, "weight", None)
+    stride = int(getattr(weight, "partition_stride", 1)) if weight is not None else 1
+    if kind == "row" and stride != 1:
+        bad.append(f"partition_stride={stride} on a row-parallel weight (megatron splits its input contiguously)")
+    if bad:
+        raise UnsupportedBase(f"cannot wrap this {name}: it uses " + "; ".join(bad))
+    group = module.tp_group
+    world = D.group_size(group)
+    return BaseSpec(
+        kind=kind, layout=layout_for(kind, stride), in_features=int(module.input_size),
+        out_features=int(module.output_size), group=group, world=world, rank=D.group_rank(group),
+        sequence_parallel=bool(getattr(module, "sequence_parallel", False)) and world > 1,
+        gather_output=bool(getattr(module, "gather_output", False)) and world > 1,
+        input_is_parallel=bool(getattr(module, "input_is_parallel", True)) or world == 1,
+        skip_bias_add=bool(module.skip_bias_add), external_weight=weight is None,
+        is_expert=bool(getattr(module, "is_expert", False)), output_dtype=getattr(module, "output_dtype", None),
+        type_name=name)
+
+
+register_recogniser("megatron-core ColumnParallelLinear / RowParallelLinear (and subclasses)", _megatron_spec)

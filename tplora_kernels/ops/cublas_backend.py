@@ -1,0 +1,74 @@
+"""The ``cublas`` backend: the frozen base GEMMs through torch (cuBLAS), the LoRA terms in Triton.
+
+A Triton GEMM must come close to cuBLAS to win over "cuBLAS for the base GEMM plus the LoRA term
+fed in as C with beta = 1"; this backend is that second path, so a measurement can choose
+(``ops.select``). Per op:
+
+* ``linear_fwd``: the LoRA kernel with an empty K loop writes ``s·u Bᵀ (+ bias)`` into ``out``,
+  then ``out += x Wᵀ`` (``addmm_``, beta = 1) into the same, possibly row-chunked, buffer.
+* ``linear_dx``: the dx kernel with an empty N loop writes ``(du A) ⊙ M / (1-p)`` into ``dx``,
+  then ``dx += dy W``.
+* ``shrink_fwd``, ``dy_bwd``, ``shrink_bwd``: the Triton kernels, unchanged.
+
+No collective is added: the outputs land in the same buffers as the fused path's. On CPU the
+Triton parts run under the interpreter and torch's CPU matmul stands in for cuBLAS, so the
+algebra is tested where CI runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import Backend, Support, interpreter_active, register_backend
+from .torch_impl import _chunks
+from .triton_backend import InterpretBackend, TritonBackend
+
+__all__ = ["CublasBackend"]
+
+
+@register_backend
+class CublasBackend(Backend):
+    """torch GEMMs for the base weight, Triton kernels for everything LoRA."""
+
+    name = "cublas"
+
+    def __init__(self) -> None:
+        self._compiled, self._interpreted = TritonBackend(), InterpretBackend()
+
+    @classmethod
+    def supports(cls, device: torch.device) -> Support:
+        if device.type == "cuda" and not interpreter_active():
+            return Support(True)
+        if device.type == "cpu" and interpreter_active():
+            return Support(True)
+        return Support(False, "needs CUDA tensors (compiled kernels), or CPU tensors with TRITON_INTERPRET=1")
+
+    def _triton(self, device: torch.device) -> TritonBackend:
+        return self._interpreted if device.type == "cpu" else self._compiled
+
+    def shrink_fwd(self, x, a, u, drop, x_out, rpc) -> None:
+        self._triton(x.device).shrink_fwd(x, a, u, drop, x_out, rpc)
+
+    def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc):
+        return self._triton(dy.device).dy_bwd(dy, b, u, u_row0, du, scale, rpc)
+
+    def shrink_bwd(self, du, x, drop, rpc):
+        return self._triton(x.device).shrink_bwd(du, x, drop, rpc)
+
+    def linear_fwd(self, x, w, u, b, bias, out, scale, rpc) -> None:
+        self._triton(x.device).linear_fwd(x[..., :0], w[:, :0], u, b, bias, out, scale, rpc)
+        for xc, oc in zip(_chunks(x, rpc), _chunks(out, rpc)):
+            _add_product(oc, xc, w.t())
+
+    def linear_dx(self, dy, w, du, a, dx, drop, rpc) -> None:
+        self._triton(dy.device).linear_dx(dy[..., :0], w[:0], du, a, dx, drop, rpc)
+        for dc, xc in zip(_chunks(dy, rpc), _chunks(dx, rpc)):
+            _add_product(xc, dc, w)
+
+
+def _add_product(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``c += a @ b`` in one GEMM (beta = 1); an output of another dtype (``output_dtype``) adds after."""
+    if c.dtype == a.dtype:
+        c.addmm_(a, b)
+    else:
+        c.add_(torch.mm(a, b))

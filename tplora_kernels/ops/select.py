@@ -1,0 +1,130 @@
+"""Per-shape choice between the fused Triton GEMMs (``triton``) and the cuBLAS path (``cublas``).
+
+With ``backend="auto"`` on CUDA, the first call of a layer shape times both paths' two GEMM ops
+(``linear_fwd`` + ``linear_dx``) on tensors of that shape, keeps the faster, and caches the
+answer for the process. The key is (device, dtypes, N, K, r, T rounded up to a power of two), so
+a new batch size of the same order reuses it.
+
+The choice must be the same on every rank of the layer's TP group (ranks that chose differently
+would compute the replicated factors' inputs in different bits, which then drift): rank 0 of the
+group measures, and its answer is broadcast over the group, once per key. Every rank reaches
+that broadcast, because every rank calls the layer with the same shape.
+
+Overrides: ``TPLORA_GEMM=triton`` or ``=cublas`` (no measurement), or an explicit
+``backend=``. ``decisions()`` returns what was chosen and the times behind it; the bench records it.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from .. import distributed as D
+from ..backends import Backend, get_backend
+from ..mask import NO_DROPOUT
+
+__all__ = ["CANDIDATES", "choose_gemm_backend", "decisions", "reset"]
+
+CANDIDATES = ("triton", "cublas")
+_DECISIONS: dict[tuple, dict] = {}
+
+Timer = Callable[[str, tuple], float]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _measure(name: str, key: tuple, reps: int = 5) -> float:
+    """Median seconds of one ``linear_fwd`` + ``linear_dx`` on backend ``name`` at ``key``'s shape."""
+    from . import launch as L
+
+    device, dtype, lora_dtype, N, K, R, T = key
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, K, device=device, dtype=dtype, generator=g)
+    w = torch.randn(N, K, device=device, dtype=dtype, generator=g) * K ** -0.5
+    u = torch.randn(T, R, device=device, dtype=dtype, generator=g)
+    b = torch.randn(N, R, device=device, dtype=lora_dtype, generator=g)
+    a = torch.randn(R, K, device=device, dtype=lora_dtype, generator=g)
+    dy = torch.randn(T, N, device=device, dtype=dtype, generator=g)
+    out, dx = torch.empty(T, N, device=device, dtype=dtype), torch.empty(T, K, device=device, dtype=dtype)
+    be = get_backend(device, name)
+
+    def once() -> None:
+        L.lora_linear_fwd(x, w, u, b, scale=1.0, out=out, backend=be)
+        L.lora_linear_dx(dy, w, u, a, drop=NO_DROPOUT, out=dx, backend=be)
+
+    once()  # compile / autotune outside the timing
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            once()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def choose_gemm_backend(device: torch.device, dtype: torch.dtype, lora_dtype: torch.dtype, N: int, K: int, R: int,
+                        T: int, group: dist.ProcessGroup | None, *, timer: Timer | None = None) -> Backend:
+    """The GEMM path for one layer shape, the same on every rank of ``group``.
+
+    Args:
+        device, dtype, lora_dtype: the activations' device and dtype, the LoRA weights' dtype.
+        N, K, R, T: the local GEMM shape (out, in, rank, tokens).
+        group: the layer's TP group (rank 0 measures, the answer is broadcast).
+        timer: ``timer(backend name, key) -> seconds`` (default: a real measurement).
+
+    Returns:
+        The chosen backend object.
+
+    Example:
+        >>> # choose_gemm_backend(torch.device("cuda"), torch.bfloat16, torch.bfloat16, 4096, 4096, 16, 8192, None)
+    """
+    forced = os.environ.get("TPLORA_GEMM", "").strip().lower()
+    if forced:
+        if forced not in CANDIDATES:
+            raise ValueError(f"TPLORA_GEMM must be one of {CANDIDATES}, got {forced!r}")
+        return get_backend(device, forced)
+    key = (torch.device(device), dtype, lora_dtype, int(N), int(K), int(R), _pow2(T))
+    if key not in _DECISIONS:
+        times = {}
+        if D.group_rank(group) == 0:
+            measure = timer or _measure
+            times = {name: float(measure(name, key)) for name in CANDIDATES}
+            pick = min(CANDIDATES, key=lambda n: times[n])
+        else:
+            pick = CANDIDATES[0]
+        if D.group_size(group) > 1:
+            flag = torch.tensor([CANDIDATES.index(pick)], dtype=torch.int64, device=device)
+            dist.broadcast(flag, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+            pick = CANDIDATES[int(flag.item())]
+        _DECISIONS[key] = {"choice": pick, "seconds": times}
+    return get_backend(device, _DECISIONS[key]["choice"])
+
+
+def decisions() -> dict[str, dict]:
+    """What ``choose_gemm_backend`` decided so far: ``{"N=..,K=..,r=..,T<=..,dtype": {choice, seconds}}``.
+
+    Example:
+        >>> isinstance(decisions(), dict)
+        True
+    """
+    return {f"{k[0]} {k[1]} lora={k[2]} N={k[3]} K={k[4]} r={k[5]} T<={k[6]}": dict(v) for k, v in _DECISIONS.items()}
+
+
+def reset() -> None:
+    """Forget every decision (tests, or after changing TPLORA_GEMM)."""
+    _DECISIONS.clear()

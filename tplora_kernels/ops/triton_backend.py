@@ -1,0 +1,198 @@
+"""The ``triton`` and ``interpret`` backends: the kernels of ``ops.kernels``, launched.
+
+Launch configurations live here, as module-level lists: autotune varies only tiles that no
+reduction depends on, warps and stages (see the kernels' docstring), and is keyed on the model
+dimensions, never on the token count. ``TPLORA_AUTOTUNE=0`` pins the first config of each list
+(no timing launches), which is therefore a good one. Under Triton's interpreter the tiles are
+large and fixed (``_INTERP_BLOCK``), because the interpreter pays per program and per loop step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..backends import Backend, Support, interpreter_active, register_backend
+from . import kernels as _k
+
+__all__ = ["InterpretBackend", "TritonBackend"]
+
+# Reduction blocks are fixed per dtype (bytes per tile row stay ~128 B); autotune only varies
+# the other tiles, warps and stages, so every config gives the same bits (kernels docstring).
+_RED = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
+# dy-pass and shrink-grad reduce over rows in blocks of this many tokens.
+_ROW_RED = 64
+# Shrink-grad splits T across programs so that K/BLOCK_K programs do not idle most SMs; the split
+# depends only on T, so the summation order is the same on every rank and every run.
+_ROWS_PER_SPLIT = 1024
+# Interpreter tiles: large, because the interpreter pays per program and per loop step, not per
+# element; still small enough that the tests' odd sizes (63, 60, 15) exercise every mask.
+_INTERP_BLOCK = 64
+
+
+def _cfgs(tiles: list[dict], warps=(4, 8), stages=(3, 4)) -> list[triton.Config]:
+    return [triton.Config(t, num_warps=w, num_stages=s) for t in tiles for w in warps for s in stages]
+
+
+# Hopper habits: 128x128 tiles, grouped order, 3-4 stages. Keyed on model dims, never on T.
+_LINEAR_CONFIGS = _cfgs([{"BLOCK_M": 128, "BLOCK_N": 128}, {"BLOCK_M": 128, "BLOCK_N": 256},
+                         {"BLOCK_M": 64, "BLOCK_N": 128}, {"BLOCK_M": 128, "BLOCK_N": 64}])
+_DX_CONFIGS = _cfgs([{"BLOCK_M": 128, "BLOCK_K": 128}, {"BLOCK_M": 128, "BLOCK_K": 256},
+                     {"BLOCK_M": 64, "BLOCK_K": 128}, {"BLOCK_M": 128, "BLOCK_K": 64}])
+# BLOCK_M=32 keeps >= 2 programs per SM at T=8192 for this memory-bound pass.
+_SHRINK_CONFIGS = _cfgs([{"BLOCK_M": 32}, {"BLOCK_M": 64}, {"BLOCK_M": 128}], warps=(4,))
+_SHRINK_BWD_CONFIGS = _cfgs([{"BLOCK_K": 64}, {"BLOCK_K": 128}], warps=(4,))
+_DY_CONFIGS = _cfgs([{}], warps=(4, 8))
+
+_TUNED = {
+    "linear_fwd": triton.autotune(_LINEAR_CONFIGS, key=["N", "K", "R"])(_k._lora_linear_fwd_kernel),
+    "linear_dx": triton.autotune(_DX_CONFIGS, key=["N", "K", "R"])(_k._lora_linear_dx_kernel),
+    "shrink_fwd": triton.autotune(_SHRINK_CONFIGS, key=["K", "R"])(_k._lora_shrink_fwd_kernel),
+    "shrink_bwd": triton.autotune(_SHRINK_BWD_CONFIGS, key=["K", "R"])(_k._lora_shrink_bwd_kernel),
+    "dy_bwd": triton.autotune(_DY_CONFIGS, key=["N", "R"])(_k._lora_dy_bwd_kernel),
+}
+_RAW = {"linear_fwd": (_k._lora_linear_fwd_kernel, _LINEAR_CONFIGS),
+        "linear_dx": (_k._lora_linear_dx_kernel, _DX_CONFIGS),
+        "shrink_fwd": (_k._lora_shrink_fwd_kernel, _SHRINK_CONFIGS),
+        "shrink_bwd": (_k._lora_shrink_bwd_kernel, _SHRINK_BWD_CONFIGS),
+        "dy_bwd": (_k._lora_dy_bwd_kernel, _DY_CONFIGS)}
+
+
+def _block_r(r: int) -> int:
+    # tl.dot needs every dim >= 16 on GPU; r is padded (masked) up to a power of two >= 16.
+    return max(16, triton.next_power_of_2(r))
+
+
+def _rs(t: torch.Tensor, rpc: int) -> tuple[int, int, int]:
+    """(chunk, row, col) strides of a T-row operand for the kernels' row addressing."""
+    if t.dim() == 3:
+        return t.stride(0), t.stride(1), t.stride(2)
+    return rpc * t.stride(0), t.stride(0), t.stride(1)
+
+
+def _row_strides(prefix: str, t: torch.Tensor, rpc: int, col: str) -> dict:
+    sc, sm, sk = _rs(t, rpc)
+    return {f"s_{prefix}c": sc, f"s_{prefix}m": sm, f"s_{prefix}{col}": sk}
+
+
+def _dropout(drop, device: torch.device) -> dict:
+    seed = drop.seed if drop.active else torch.zeros(1, dtype=torch.int64, device=device)
+    return dict(p_seed=seed, row0=drop.row0, col0=drop.col0, inv_keep=drop.keep_scale, THR=drop.thr,
+                HAS_DROPOUT=drop.active, PACKED=drop.col0 % 8 == 0)
+
+
+@register_backend
+class TritonBackend(Backend):
+    """The Triton kernels, compiled for CUDA (autotuned unless ``TPLORA_AUTOTUNE=0``)."""
+
+    name = "triton"
+
+    @classmethod
+    def supports(cls, device: torch.device) -> Support:
+        if device.type != "cuda":
+            return Support(False, "needs CUDA tensors")
+        if interpreter_active():
+            return Support(False, "TRITON_INTERPRET=1 is set, so the kernels were defined for the interpreter")
+        return Support(True)
+
+    # -- per-backend launch details ----------------------------------------------------------
+    def _kernel(self, op: str):
+        """(callable, meta) for a launch: the autotuner, or the raw kernel with a pinned config."""
+        if os.environ.get("TPLORA_AUTOTUNE", "1") != "0":
+            return _TUNED[op], {}
+        raw, configs = _RAW[op]
+        c = configs[0]
+        return raw, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+    def _flags(self, dtype: torch.dtype) -> dict:
+        # fp32 follows torch's own fp32 matmul setting, so fp32 here is as accurate as torch's fp32
+        # (IEEE unless the user allowed TF32). 16-bit dots ignore it; "tf32" is Triton's default.
+        ieee = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+        return {"PRECISION": "ieee" if ieee else "tf32", "INTERP_BF16": False}
+
+    # -- ops -----------------------------------------------------------------------------------
+    def shrink_fwd(self, x, a, u, drop, x_out, rpc) -> None:
+        T, K, R = u.numel() // u.shape[-1], x.shape[-1], a.shape[0]
+        xo = x_out if x_out is not None else u  # an unused pointer when COPY_X is off
+        fn, meta = self._kernel("shrink_fwd")
+        grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]),)  # noqa: E731
+        fn[grid](p_x=x, p_a=a, p_u=u, p_xo=xo, T=T, K=K, R=R, RPC=rpc, **_row_strides("x", x, rpc, "k"),
+                 s_ar=a.stride(0), s_ak=a.stride(1), **_row_strides("u", u, rpc, "r"),
+                 **_row_strides("xo", xo, rpc, "k"), **_dropout(drop, x.device), COPY_X=x_out is not None,
+                 **self._flags(x.dtype), BLOCK_K=_RED[x.dtype], BLOCK_R=_block_r(R), **meta)
+
+    def linear_fwd(self, x, w, u, b, bias, out, scale, rpc) -> None:
+        T, N, K, R = out.numel() // out.shape[-1], w.shape[0], w.shape[1], b.shape[1]
+        fn, meta = self._kernel("linear_fwd")
+        grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+        fn[grid](p_x=x, p_w=w, p_u=u, p_b=b, p_bias=bias if bias is not None else w, p_out=out,
+                 T=T, N=N, K=K, R=R, RPC=rpc, **_row_strides("x", x, rpc, "k"), s_wn=w.stride(0), s_wk=w.stride(1),
+                 **_row_strides("u", u, rpc, "r"), s_bn=b.stride(0), s_br=b.stride(1),
+                 **_row_strides("o", out, rpc, "n"), s_bias=bias.stride(0) if bias is not None else 0,
+                 scale=scale, HAS_BIAS=bias is not None, **self._flags(x.dtype), BLOCK_K=_RED[x.dtype],
+                 BLOCK_R=_block_r(R), GROUP_M=8, **meta)
+
+    def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc):
+        T, N, R = dy.numel() // dy.shape[-1], dy.shape[-1], b.shape[1]
+        compute_db = u is not None
+        # One fp32 partial of dB per row block that meets u's rows; summed below in a fixed order.
+        n_part = (u_row0 + u.shape[0] - 1) // _ROW_RED - u_row0 // _ROW_RED + 1 if compute_db else 1
+        part = torch.empty(n_part, N if compute_db else 1, R, dtype=torch.float32, device=dy.device)
+        du_k = du if du is not None else dy  # unused pointer when COMPUTE_DU is off
+        u_k = u if compute_db else b  # unused pointer when COMPUTE_DB is off
+        fn, meta = self._kernel("dy_bwd")
+        fn[(triton.cdiv(T, _ROW_RED),)](
+            p_dy=dy, p_b=b, p_u=u_k, p_du=du_k, p_dbp=part, T=T, N=N, R=R, RPC=rpc, U_ROW0=u_row0,
+            U_ROWS=u.shape[0] if compute_db else 0, **_row_strides("dy", dy, rpc, "n"), s_bn=b.stride(0),
+            s_br=b.stride(1), s_um=u_k.stride(0), s_ur=u_k.stride(1), **_row_strides("du", du_k, rpc, "r"),
+            s_pt=part.stride(0), s_pn=part.stride(1), s_pr=part.stride(2), scale=scale,
+            COMPUTE_DU=du is not None, COMPUTE_DB=compute_db, **self._flags(dy.dtype), BLOCK_M=_ROW_RED,
+            BLOCK_N=_RED[dy.dtype], BLOCK_R=_block_r(R), **meta)
+        return part.sum(0).mul_(scale) if compute_db else None
+
+    def linear_dx(self, dy, w, du, a, dx, drop, rpc) -> None:
+        T, N, K, R = dx.numel() // dx.shape[-1], w.shape[0], w.shape[1], a.shape[0]
+        fn, meta = self._kernel("linear_dx")
+        grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),)  # noqa: E731
+        fn[grid](p_dy=dy, p_w=w, p_du=du, p_a=a, p_dx=dx, T=T, N=N, K=K, R=R, RPC=rpc,
+                 **_row_strides("dy", dy, rpc, "n"), s_wn=w.stride(0), s_wk=w.stride(1),
+                 **_row_strides("du", du, rpc, "r"), s_ar=a.stride(0), s_ak=a.stride(1),
+                 **_row_strides("dx", dx, rpc, "k"), **_dropout(drop, dy.device), **self._flags(dy.dtype),
+                 BLOCK_N=_RED[dy.dtype], BLOCK_R=_block_r(R), GROUP_M=8, **meta)
+
+    def shrink_bwd(self, du, x, drop, rpc):
+        T, K, R = x.numel() // x.shape[-1], x.shape[-1], du.shape[-1]
+        splits = triton.cdiv(T, _ROWS_PER_SPLIT)
+        part = torch.empty(splits, R, K, dtype=torch.float32, device=x.device)
+        fn, meta = self._kernel("shrink_bwd")
+        grid = lambda m: (triton.cdiv(K, m["BLOCK_K"]), splits)  # noqa: E731
+        fn[grid](p_du=du, p_x=x, p_dap=part, T=T, K=K, R=R, RPC=rpc, ROWS_PER_SPLIT=_ROWS_PER_SPLIT,
+                 **_row_strides("du", du, rpc, "r"), **_row_strides("x", x, rpc, "k"), s_pt=part.stride(0),
+                 s_pr=part.stride(1), s_pk=part.stride(2), **_dropout(drop, x.device), **self._flags(x.dtype),
+                 BLOCK_M=_ROW_RED, BLOCK_R=_block_r(R), **meta)
+        return part[0] if splits == 1 else part.sum(0)
+
+
+@register_backend
+class InterpretBackend(TritonBackend):
+    """The same kernels under Triton's interpreter, on CPU tensors (how CI runs them)."""
+
+    name = "interpret"
+
+    @classmethod
+    def supports(cls, device: torch.device) -> Support:
+        if not interpreter_active():
+            return Support(False, "needs TRITON_INTERPRET=1 in the environment before triton is first imported")
+        if device.type != "cpu":
+            return Support(False, "runs on CPU tensors")
+        return Support(True)
+
+    def _kernel(self, op: str):
+        raw, configs = _RAW[op]
+        return raw, {k: _INTERP_BLOCK for k in configs[0].kwargs}
+
+    def _flags(self, dtype: torch.dtype) -> dict:
+        # Triton's interpreter mis-emulates bf16 dots and casts (kernels docstring): fix it there only.
+        return {**super()._flags(dtype), "INTERP_BF16": dtype == torch.bfloat16}
