@@ -38,9 +38,12 @@ __all__ = ["build_peft_layer", "init_parallel_state", "shutdown_parallel_state",
 ADAPTER = "default"
 
 
-def quiet_megatron_import() -> None:
-    """megatron-core warns at import, once per rank, that Transformer Engine and Apex are absent."""
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
+def quiet_megatron() -> None:
+    """Silence megatron-core's advice, printed once per rank, that would interleave with the results:
+    at import, that Transformer Engine and Apex are absent; at PEFT's first backward, to set
+    CUDA_DEVICE_MAX_CONNECTIONS=1 for async all-reduce (a CUDA stream hint, moot on CPU)."""
+    for message in ("Transformer Engine and Apex are not installed", "When using async grad allreduce"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
 def unsupported(case, device_type: str, has_group: bool = True) -> str | None:
@@ -60,7 +63,7 @@ def unsupported(case, device_type: str, has_group: bool = True) -> str | None:
 
 def init_parallel_state(world: int) -> None:
     """Megatron's global TP group over all ``world`` ranks, where PEFT's factor layers look for it."""
-    quiet_megatron_import()
+    quiet_megatron()
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
