@@ -34,8 +34,10 @@ row, SP on         reduce-scatter rows of ``[z | u]``          all-gather rows o
 LoRA adds no collective to any mode. The ``[a | b]`` buffers are ``distributed.RowChunkedBuffer``s:
 the kernels write both operands straight into the one buffer the base collective reduces or
 gathers. Saved for backward: the layer input (local under SP), u (T×r) and the seed; no mask, no
-dropped or fp32 copy of x. One exception, documented: a column layer whose input needs no
-gradient has no base dgrad collective to ride on, so du (T×r) gets an all-reduce of its own.
+dropped or fp32 copy of x. Two exceptions, documented, where the base has no collective for
+LoRA to ride on: a column layer whose input needs no gradient (du, T×r, gets an all-reduce of its
+own), and an MoE expert under expert-TP > 1, whose communication the token dispatcher does
+(``explicit_comm``: one all-reduce of u (row) or du (column), T×r, over the expert-TP group).
 
 u is kept in x's dtype, except with fp16 activations and fp32 factors, where it is kept in fp32
 (fp16's range is too small for it, and PEFT computes it in fp32); it then computes the output in
@@ -86,6 +88,9 @@ class Plan:
         gather_output: column only: all-gather the output columns.
         input_is_parallel: row only: x is already split along K.
         out_dtype: the output's dtype (None: x's), as a base layer's ``output_dtype``.
+        explicit_comm: the base does no TP communication of its own (an MoE expert under expert
+            TP: the token dispatcher gathers its input and reduces its output); the outputs and
+            dX stay partial sums, and only LoRA's own T×r tensor (u or du) is reduced here.
     """
 
     group: dist.ProcessGroup | None
@@ -98,6 +103,7 @@ class Plan:
     gather_output: bool = False
     input_is_parallel: bool = True
     out_dtype: torch.dtype | None = None
+    explicit_comm: bool = False
 
     def dropout(self, seed: torch.Tensor | None) -> DropoutSpec:
         """The call's dropout, positioned at the full input's element (0, 0)."""
@@ -188,7 +194,12 @@ class _ColumnParallelLoRAFn(torch.autograd.Function):
                 if plan.sequence_parallel:
                     parts = buf.split(D.reduce_scatter_rows(buf.flat, plan.group))
                 else:
-                    parts = buf.split(D.all_reduce_(buf.flat, plan.group))
+                    # An expert's dX stays partial (the dispatcher reduces it): reduce du alone.
+                    if not plan.explicit_comm:
+                        D.all_reduce_(buf.flat, plan.group)
+                    elif need_da:
+                        D.all_reduce_(buf.views[-1], plan.group)
+                    parts = buf.split(buf.flat)
                 if need_dx:
                     dx = parts[0]
                 if need_da:
@@ -224,7 +235,9 @@ class _RowParallelLoRAFn(torch.autograd.Function):
             if plan.sequence_parallel:
                 y, u = buf.split(D.reduce_scatter_rows(buf.flat, plan.group))
             else:
-                y, u = buf.split(D.all_reduce_(buf.flat, plan.group))
+                # An expert's z stays partial (the dispatcher reduces it): reduce u alone.
+                D.all_reduce_(buf.views[1] if plan.explicit_comm else buf.flat, plan.group)
+                y, u = buf.split(buf.flat)
             if bias is not None:
                 y.add_(bias)
         ctx.plan = plan

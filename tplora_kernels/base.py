@@ -45,6 +45,8 @@ class BaseSpec:
         skip_bias_add: return the bias instead of adding it.
         external_weight: the weight is passed at call time (a tied output layer), not owned.
         is_expert: an MoE expert's layer (its parameters are reduced over the expert-DP group).
+        explicit_comm: the layer does no TP communication itself (megatron's ``explicit_expert_comm``:
+            the MoE token dispatcher gathers its input and reduces its output over the expert-TP group).
         output_dtype: the base GEMM's output dtype when it differs from the input's, else None.
         type_name: the base layer's class name, for messages.
     """
@@ -62,6 +64,7 @@ class BaseSpec:
     skip_bias_add: bool
     external_weight: bool
     is_expert: bool
+    explicit_comm: bool
     output_dtype: torch.dtype | None
     type_name: str
 
@@ -151,9 +154,6 @@ def _megatron_spec(module: nn.Module) -> BaseSpec | None:
         return None
     name = type(module).__name__
     bad = []
-    if getattr(module, "explicit_expert_comm", False):
-        bad.append("explicit_expert_comm=True (an expert layer under expert tensor/expert parallelism, whose "
-                   "communication the MoE token dispatcher does)")
     if getattr(module, "disable_grad_reduce", False):
         bad.append("disable_grad_reduce=True")
     if getattr(module, "gtp_remat_size", 1) > 1:
@@ -167,15 +167,17 @@ def _megatron_spec(module: nn.Module) -> BaseSpec | None:
         raise UnsupportedBase(f"cannot wrap this {name}: it uses " + "; ".join(bad))
     group = module.tp_group
     world = D.group_size(group)
+    # Megatron's expert layers skip their own SP gather/reduce-scatter and dgrad all-reduce.
+    explicit = bool(getattr(module, "explicit_expert_comm", False))
     return BaseSpec(
         kind=kind, layout=layout_for(kind, stride), in_features=int(module.input_size),
         out_features=int(module.output_size), group=group, world=world, rank=D.group_rank(group),
-        sequence_parallel=bool(getattr(module, "sequence_parallel", False)) and world > 1,
+        sequence_parallel=bool(getattr(module, "sequence_parallel", False)) and world > 1 and not explicit,
         gather_output=bool(getattr(module, "gather_output", False)) and world > 1,
         input_is_parallel=bool(getattr(module, "input_is_parallel", True)) or world == 1,
         skip_bias_add=bool(module.skip_bias_add), external_weight=weight is None,
-        is_expert=bool(getattr(module, "is_expert", False)), output_dtype=getattr(module, "output_dtype", None),
-        type_name=name)
+        is_expert=bool(getattr(module, "is_expert", False)), explicit_comm=explicit,
+        output_dtype=getattr(module, "output_dtype", None), type_name=name)
 
 
 register_recogniser("megatron-core ColumnParallelLinear / RowParallelLinear (and subclasses)", _megatron_spec)

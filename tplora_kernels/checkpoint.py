@@ -27,11 +27,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import distributed as D
 from .config import check_config, pattern_value
 from .modules import _ParallelLoRA, lora_modules
 
-__all__ = ["adapter_sharded_state_dict", "gather_full_factors", "load_adapter", "lora_modules", "save_adapter",
-           "write_adapter_files"]
+__all__ = ["adapter_sharded_state_dict", "gather_full_factors", "global_module_names", "load_adapter", "lora_modules",
+           "save_adapter", "write_adapter_files"]
 
 PEFT_PREFIX = "base_model.model."
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -73,6 +74,43 @@ def gather_full_factors(module: _ParallelLoRA, adapter_name: str) -> tuple[torch
     return a.clone(), b.clone()
 
 
+def _expert_containers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """megatron's ``SequentialMLP``-like modules: ``local_experts`` of an expert-parallel group."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(getattr(m, "local_experts", None), nn.ModuleList) and hasattr(m, "ep_group")]
+
+
+def global_module_names(model: nn.Module) -> tuple[dict[str, str], set[str]]:
+    """Module names that do not depend on the expert-parallel size.
+
+    Under expert parallelism a rank holds ``local_experts.0 .. n-1``, which are the global experts
+    ``ep_rank · n + i``. Adapter files name every expert by its global index, so a file written at
+    EP = 2 loads at EP = 1 and back.
+
+    Returns:
+        ``({local name: global name}`` for every LoRA module of this rank, ``the global names of
+        every LoRA module on every EP rank)``; non-expert modules keep their names.
+
+    Example:
+        >>> global_module_names(torch.nn.Linear(2, 2))
+        ({}, set())
+    """
+    local = {n: n for n, _ in lora_modules(model)}
+    everywhere = set(local)
+    for prefix, container in _expert_containers(model):
+        n_local = len(container.local_experts)
+        ep_rank, ep_size = D.group_rank(container.ep_group), D.group_size(container.ep_group)
+        head = f"{prefix}.local_experts." if prefix else "local_experts."
+        for name in list(local):
+            if not name.startswith(head):
+                continue
+            idx, _, rest = name[len(head):].partition(".")
+            local[name] = f"{head}{ep_rank * n_local + int(idx)}.{rest}"
+            everywhere.discard(name)
+            everywhere.update(f"{head}{e}.{rest}" for e in range(ep_size * n_local))
+    return local, everywhere
+
+
 def _resolve_adapter(model: nn.Module, mods, adapter_name: str | None) -> str:
     if adapter_name is not None:
         missing = [n for n, m in mods if adapter_name not in m.lora_A]
@@ -89,11 +127,11 @@ def _resolve_adapter(model: nn.Module, mods, adapter_name: str | None) -> str:
     return active.pop()
 
 
-def _config_dict(model: nn.Module, mods, adapter_name: str, config: Any) -> dict:
-    """adapter_config.json content whose patterns reproduce every layer's r and alpha."""
+def _config_dict(model: nn.Module, mods, adapter_name: str, config: Any, names: dict[str, str]) -> dict:
+    """adapter_config.json content whose patterns reproduce every layer's r and alpha (by global name)."""
     if config is None:
         config = getattr(model, "peft_config", {}).get(adapter_name)
-    opts = {_plain_name(n): m.adapter_options(adapter_name) for n, m in mods}
+    opts = {_plain_name(names[n]): m.adapter_options(adapter_name) for n, m in mods}
     rs = {n: o.r for n, o in opts.items()}
     alphas = {n: o.lora_alpha for n, o in opts.items()}
     rslora = {o.use_rslora for o in opts.values()}
@@ -200,12 +238,22 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
     if not mods:
         raise ValueError("model must contain ColumnParallelLoRA/RowParallelLoRA modules; found none")
     name = _resolve_adapter(model, mods, adapter_name)
-    cfg = _config_dict(model, mods, name, config)  # rank-symmetric: it may raise, before any collective
+    names, _ = global_module_names(model)
+    cfg = _config_dict(model, mods, name, config, names)  # rank-symmetric: it may raise, before any collective
     tensors: dict[str, torch.Tensor] = {}
     for mod_name, m in mods:
         a, b = gather_full_factors(m, name)
-        tensors[_key(mod_name, "lora_A")] = a.cpu().contiguous()
-        tensors[_key(mod_name, "lora_B")] = b.cpu().contiguous()
+        tensors[_key(names[mod_name], "lora_A")] = a.cpu().contiguous()
+        tensors[_key(names[mod_name], "lora_B")] = b.cpu().contiguous()
+    # Every EP rank holds other experts: each expert-parallel group shares its experts' factors.
+    for prefix, container in _expert_containers(model):
+        if D.group_size(container.ep_group) > 1:
+            head = PEFT_PREFIX + _plain_name(f"{prefix}.local_experts." if prefix else "local_experts.")
+            mine = {k: v for k, v in tensors.items() if k.startswith(head)}
+            gathered = [None] * D.group_size(container.ep_group)
+            dist.all_gather_object(gathered, mine, group=container.ep_group)
+            for part in gathered:
+                tensors.update(part)
     write_adapter_files(path, tensors, cfg, group=group)
     return tensors
 
@@ -259,14 +307,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         raise ValueError("model must contain ColumnParallelLoRA/RowParallelLoRA modules; found none")
     # Check every layer first, then change the model: a bad file leaves the model untouched, and
     # since every rank reads the same file, every rank raises the same error.
+    names, everywhere = global_module_names(model)
     used, plan, missing = set(), [], []
     for mod_name, m in mods:
-        ka, kb = _key(mod_name, "lora_A"), _key(mod_name, "lora_B")
+        ka, kb = _key(names[mod_name], "lora_A"), _key(names[mod_name], "lora_B")
         if ka not in tensors or kb not in tensors:
             missing.append(ka if ka not in tensors else kb)
             continue
         a, b = tensors[ka], tensors[kb]
-        plain = _plain_name(mod_name)
+        plain = _plain_name(names[mod_name])
         r = a.shape[0] if a.dim() == 2 else -1
         want_r = pattern_value(cfg.get("rank_pattern"), plain, cfg.get("r", r))
         if r != want_r:
@@ -279,7 +328,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         alpha = pattern_value(cfg.get("alpha_pattern"), plain, cfg.get("lora_alpha", r))
         plan.append((mod_name, m, r, alpha, a, b))
         used.update((ka, kb))
-    unused = sorted(k for k in tensors if k not in used)
+    # Another EP rank's experts are used there, not unused.
+    elsewhere = {_key(n, w) for n in everywhere for w in ("lora_A", "lora_B")}
+    unused = sorted(k for k in tensors if k not in used and k not in elsewhere)
     if strict and (missing or unused):
         raise ValueError(f"load_adapter(strict=True): {len(missing)} layer(s) without tensors in {path} "
                          f"(e.g. {missing[:3]}) and {len(unused)} tensor(s) without a layer (e.g. {unused[:3]}); "

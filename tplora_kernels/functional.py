@@ -79,8 +79,15 @@ def _lead(x: torch.Tensor, K: int, what: str) -> None:
         raise ValueError(f"the layer's input size must be >= 1, got x of shape {tuple(x.shape)}")
 
 
+def _explicit(explicit_comm, sequence_parallel, extra_collective: bool) -> bool:
+    if explicit_comm and (sequence_parallel or extra_collective):
+        raise ValueError("explicit_comm (an MoE expert layer whose token dispatcher communicates) excludes "
+                         "sequence_parallel, gather_output and a non-parallel row input")
+    return bool(explicit_comm)
+
+
 def _column(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence_parallel, gather_output, group,
-            backend, out_dtype) -> tuple[torch.Tensor, Plan]:
+            backend, out_dtype, explicit_comm=False) -> tuple[torch.Tensor, Plan]:
     scale, thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
     _check_out_dtype(out_dtype)
     K = weight.shape[1]
@@ -92,13 +99,14 @@ def _column(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence
         raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     world, rank = D.group_size(group), D.group_rank(group)
     sp = bool(sequence_parallel) and world > 1
+    explicit = _explicit(explicit_comm, sp, bool(gather_output) and world > 1)
     if sp and x.dim() < 2:
         raise ValueError(f"sequence_parallel needs x with a sequence dimension, got shape {tuple(x.shape)}")
     T = x.numel() // K * (world if sp else 1)
     be = get_backend(x.device, backend, gemm=(x.dtype, lora_a.dtype, weight.shape[0], K, lora_a.shape[0], T, group))
     seed_t = resolve_seed(seed, x.device) if thr else None
     plan = Plan(group, world, rank, scale, thr, sp, be, gather_output=bool(gather_output) and world > 1,
-                out_dtype=out_dtype)
+                out_dtype=out_dtype, explicit_comm=explicit)
     lead = list(x.shape[:-1])
     if sp:
         lead[0] *= world
@@ -107,7 +115,7 @@ def _column(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence
 
 
 def _row(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence_parallel, input_is_parallel, group,
-         backend, out_dtype) -> tuple[torch.Tensor, Plan]:
+         backend, out_dtype, explicit_comm=False) -> tuple[torch.Tensor, Plan]:
     scale, thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
     _check_out_dtype(out_dtype)
     world, rank = D.group_size(group), D.group_rank(group)
@@ -120,6 +128,10 @@ def _row(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence_pa
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     sp = bool(sequence_parallel) and world > 1
+    explicit = _explicit(explicit_comm, sp, not input_is_parallel and world > 1)
+    if explicit and bias is not None and world > 1:
+        raise ValueError("explicit_comm: the output stays a partial sum, so the bias must be added after the "
+                         "reduction (skip_bias_add=True, as megatron requires for expert layers)")
     if sp and (x.dim() < 2 or x.shape[0] % world):
         raise ValueError(f"sequence_parallel needs x's sequence dimension (dim 0) divisible by the TP size "
                          f"{world}, got x of shape {tuple(x.shape)}")
@@ -127,7 +139,7 @@ def _row(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence_pa
     be = get_backend(x.device, backend, gemm=(x.dtype, lora_a.dtype, weight.shape[0], k, lora_a.shape[0], T, group))
     seed_t = resolve_seed(seed, x.device) if thr else None
     plan = Plan(group, world, rank, scale, thr, sp, be, input_is_parallel=bool(input_is_parallel) or world == 1,
-                out_dtype=out_dtype)
+                out_dtype=out_dtype, explicit_comm=explicit)
     lead = list(x.shape[:-1])
     if sp:
         lead[0] //= world
@@ -139,7 +151,7 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
                          bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
                          seed: SeedLike = None, sequence_parallel: bool = False, gather_output: bool = False,
                          group: dist.ProcessGroup | None = None, backend: str | Backend | None = None,
-                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                         out_dtype: torch.dtype | None = None, explicit_comm: bool = False) -> torch.Tensor:
     """LoRA on a column-parallel linear: ``y_i = X W_iᵀ + s·(drop(X) Aᵀ) B_iᵀ (+ bias_i)``.
 
     Adds no collective to the base layer's: SP gathers x's rows in forward (the base needs it)
@@ -161,6 +173,9 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
         backend: a ``Backend`` or ``"triton"``, ``"cublas"``, ``"interpret"``, ``"torch"``, ``"auto"``,
             None (``TPLORA_BACKEND`` / auto).
         out_dtype: the output's dtype (None: x's), as a base layer's ``output_dtype``.
+        explicit_comm: the base layer does no TP communication (an MoE expert under expert TP,
+            whose token dispatcher gathers x and reduces dX): dX stays a partial sum and du gets
+            one all-reduce over ``group``.
 
     Returns:
         ``[S, ..., N/t]`` (``[S, ..., N]`` with gather_output), S = x.shape[0] · t under SP.
@@ -173,14 +188,14 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
     """
     return _column(x, weight, lora_a, lora_b, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
                    sequence_parallel=sequence_parallel, gather_output=gather_output, group=group, backend=backend,
-                   out_dtype=out_dtype)[0]
+                   out_dtype=out_dtype, explicit_comm=explicit_comm)[0]
 
 
 def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
                       bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
                       seed: SeedLike = None, sequence_parallel: bool = False, input_is_parallel: bool = True,
                       group: dist.ProcessGroup | None = None, backend: str | Backend | None = None,
-                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                      out_dtype: torch.dtype | None = None, explicit_comm: bool = False) -> torch.Tensor:
     """LoRA on a row-parallel linear: ``y = Σ_i [x_i W_iᵀ + s·(drop(x_i) A_iᵀ) Bᵀ] (+ bias)``.
 
     Adds no collective: one all-reduce (SP off) or reduce-scatter (SP on) of ``[z_i | u_i]``
@@ -200,6 +215,9 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
         group: the base layer's tensor-parallel group.
         backend: as ``column_parallel_lora``.
         out_dtype: the output's dtype (None: x's); the reduction then runs in it.
+        explicit_comm: the base layer does no TP communication (an MoE expert under expert TP,
+            whose token dispatcher reduces the output): y stays a partial sum and u gets one
+            all-reduce over ``group``.
 
     Returns:
         ``[S, ..., N]``; under SP ``[S/t, ..., N]``.
@@ -212,12 +230,13 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
     """
     return _row(x, weight, lora_a, lora_b, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
                 sequence_parallel=sequence_parallel, input_is_parallel=input_is_parallel, group=group,
-                backend=backend, out_dtype=out_dtype)[0]
+                backend=backend, out_dtype=out_dtype, explicit_comm=explicit_comm)[0]
 
 
 def parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: torch.Tensor | None = None,
                     sequence_parallel: bool = False, gather_output: bool = False, input_is_parallel: bool = True,
-                    group: dist.ProcessGroup | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    group: dist.ProcessGroup | None = None, out_dtype: torch.dtype | None = None,
+                    explicit_comm: bool = False) -> torch.Tensor:
     """The frozen base layer alone (no adapter), with the base layer's own collectives.
 
     What the modules run while adapters are disabled or merged. Validated like the LoRA calls.
@@ -227,6 +246,7 @@ def parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: t
         kind: ``"column"`` or ``"row"``.
         gather_output: column only. input_is_parallel: row only.
         out_dtype: the output's dtype (None: x's).
+        explicit_comm: no collective (an MoE expert layer; its dispatcher communicates).
 
     Returns:
         The base layer's output, shaped as the LoRA call's.
@@ -251,5 +271,6 @@ def parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: t
         raise ValueError(f"sequence_parallel needs x's dim 0 divisible by the TP size {world}, "
                          f"got x of shape {tuple(x.shape)}")
     y = base_parallel_linear(x, weight, kind=kind, bias=bias, sequence_parallel=sequence_parallel,
-                             gather_output=gather_output, input_is_parallel=input_is_parallel, group=group)
+                             gather_output=gather_output, input_is_parallel=input_is_parallel, group=group,
+                             explicit_comm=explicit_comm)
     return y if out_dtype is None else y.to(out_dtype)

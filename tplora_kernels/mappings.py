@@ -116,7 +116,8 @@ class ScatterCols(torch.autograd.Function):
 
 def base_parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: torch.Tensor | None = None,
                          sequence_parallel: bool = False, gather_output: bool = False,
-                         input_is_parallel: bool = True, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                         input_is_parallel: bool = True, group: dist.ProcessGroup | None = None,
+                         explicit_comm: bool = False) -> torch.Tensor:
     """The frozen base layer alone, with Megatron's collectives: the floor LoRA is measured against.
 
     Args:
@@ -124,6 +125,7 @@ def base_parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bi
         weight: the base shard (``[N/t, K]`` column, ``[N, K/t]`` row).
         kind: ``"column"`` or ``"row"``.
         bias, sequence_parallel, gather_output, input_is_parallel, group: as the base layer's.
+        explicit_comm: no collective at all (an MoE expert layer: its token dispatcher communicates).
 
     Returns:
         The base layer's output (bias added unless None).
@@ -133,8 +135,11 @@ def base_parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bi
         torch.Size([3, 4])
     """
     world = D.group_size(group)
-    sp = sequence_parallel and world > 1
+    sp = sequence_parallel and world > 1 and not explicit_comm
     x2 = x.reshape(-1, x.shape[-1])
+    if explicit_comm:
+        y = torch.nn.functional.linear(x2, weight, bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
     if kind == "column":
         X = GatherRows.apply(x2, group) if sp else CopyToRegion.apply(x2, group)
         y = torch.nn.functional.linear(X, weight, bias)

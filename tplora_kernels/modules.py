@@ -160,7 +160,7 @@ class _ParallelLoRA(AdapterMixin, nn.Module):
         mode = (dict(gather_output=gather_output) if spec.kind == "column"
                 else dict(input_is_parallel=spec.input_is_parallel))
         common = dict(bias=bias, sequence_parallel=spec.sequence_parallel, group=spec.group,
-                      out_dtype=spec.output_dtype, **mode)
+                      out_dtype=spec.output_dtype, explicit_comm=spec.explicit_comm, **mode)
         name = self._active_adapter
         if self._disable_adapters or self.merged or name is None:
             self.last_backend = "base"
