@@ -217,23 +217,26 @@ def _lora_linear_fwd_kernel(
 
 @triton.jit(do_not_specialize=["T", "RPC", "U_ROW0", "U_ROWS"])
 def _lora_dy_bwd_kernel(
-    p_dy, p_b, p_u, p_du, p_dbp,
-    T, N, R, RPC, U_ROW0, U_ROWS,
+    p_dy, p_b, p_u, p_dup, p_dbp,
+    T, N, R, RPC, U_ROW0, U_ROWS, N_PER_SPLIT,
     s_dyc, s_dym, s_dyn,
     s_bn, s_br,
     s_um, s_ur,
-    s_duc, s_dum, s_dur,
+    s_dpt, s_dpm, s_dpr,
     s_pt, s_pn, s_pr,
-    scale,
     COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # One program per BLOCK_M rows of dy; it streams dy once along N. du's reduction over N stays
-    # in registers; dB's reduction over T is split across programs into fp32 partials
-    # p_dbp[block, N, R], summed afterwards in a fixed order (deterministic, unlike atomics).
+    # Grid (row blocks of BLOCK_M, column splits of N_PER_SPLIT): each program streams its block
+    # of dy once. du's reduction over N is split across the column splits into fp32 partials
+    # p_dup[split, T, R]; dB's reduction over T across the row blocks into fp32 partials
+    # p_dbp[block, N, R]. Both are summed afterwards in a fixed order (deterministic, unlike
+    # atomics); the row block is large (256) so that the dB partials stay a quarter of dy's size
+    # at most for r <= 16, and the column splits give the grid enough programs for the GPU.
     # u holds rows [U_ROW0, U_ROW0 + U_ROWS) of dy's row space (row-parallel SP keeps only its
     # own rows of u); partial slot = this block's index among the blocks that meet those rows.
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     o_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_r = tl.arange(0, BLOCK_R)
     m_m = o_m < T
@@ -249,7 +252,8 @@ def _lora_dy_bwd_kernel(
         do_db = (pid >= first) & (pid <= last)
         slot = (pid - first).to(tl.int64)
     acc_du = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    n_start = pid_s.to(tl.int64) * N_PER_SPLIT
+    for n0 in range(n_start, tl.minimum(n_start + N_PER_SPLIT, N), BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < N
         b_dy = tl.load(p_dy + o_dym[:, None] + o_n[None, :] * s_dyn, mask=m_m[:, None] & m_n[None, :],
@@ -273,8 +277,7 @@ def _lora_dy_bwd_kernel(
                 tl.store(p_dbp + slot * s_pt + o_n[:, None] * s_pn + o_r[None, :] * s_pr, db,
                          mask=m_n[:, None] & m_r[None, :])
     if COMPUTE_DU:
-        o_dum = _rows(o_m, RPC, s_duc, s_dum)
-        tl.store(p_du + o_dum[:, None] + o_r[None, :] * s_dur, _cast_out(acc_du * scale, p_du, INTERP_BF16),
+        tl.store(p_dup + pid_s.to(tl.int64) * s_dpt + o_m[:, None] * s_dpm + o_r[None, :] * s_dpr, acc_du,
                  mask=m_m[:, None] & m_r[None, :])
 
 
@@ -341,11 +344,14 @@ def _lora_shrink_bwd_kernel(
     s_xc, s_xm, s_xk,
     s_pt, s_pr, s_pk,
     row0, col0, inv_keep,
-    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, INTERP_BF16: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, CHUNKED: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     # Grid (K blocks, T splits). Each program reduces its split's rows in registers and writes
     # one fp32 partial p_dap[split, R, K]; the splits are summed afterwards in a fixed order.
+    # The loop runs over rows, so their offsets are hoisted: plain 2-D operands (CHUNKED off, the
+    # usual case here) advance a row pointer; row-chunked ones recompute (m // RPC, m % RPC).
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     o_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -354,19 +360,29 @@ def _lora_shrink_bwd_kernel(
     m_r = o_r < R
     if HAS_DROPOUT:
         seed = tl.load(p_seed)
+        g0 = (col0 + pid_k.to(tl.int64) * BLOCK_K) >> 3
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     start = pid_s.to(tl.int64) * ROWS_PER_SPLIT
+    o_m = start + tl.arange(0, BLOCK_M).to(tl.int64)
+    p_dut = p_du + o_r[:, None] * s_dur + o_m[None, :] * s_dum
+    p_xt = p_x + o_m[:, None] * s_xm + o_k[None, :] * s_xk
     for m0 in range(start, tl.minimum(start + ROWS_PER_SPLIT, T), BLOCK_M):
         o_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_m = o_m < T
-        o_dum = _rows(o_m, RPC, s_duc, s_dum)
-        b_dut = tl.load(p_du + o_dum[None, :] + o_r[:, None] * s_dur, mask=m_r[:, None] & m_m[None, :],
-                        other=0.0)
-        o_xm = _rows(o_m, RPC, s_xc, s_xm)
-        b_x = tl.load(p_x + o_xm[:, None] + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        if CHUNKED:
+            o_dum = _rows(o_m, RPC, s_duc, s_dum)
+            o_xm = _rows(o_m, RPC, s_xc, s_xm)
+            b_dut = tl.load(p_du + o_dum[None, :] + o_r[:, None] * s_dur, mask=m_r[:, None] & m_m[None, :],
+                            other=0.0)
+            b_x = tl.load(p_x + o_xm[:, None] + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        else:
+            b_dut = tl.load(p_dut, mask=m_r[:, None] & m_m[None, :], other=0.0)
+            b_x = tl.load(p_xt, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            p_dut += BLOCK_M * s_dum
+            p_xt += BLOCK_M * s_xm
         if HAS_DROPOUT:
             if PACKED:
-                keep = _keep8(seed, row0 + o_m, (col0 + pid_k.to(tl.int64) * BLOCK_K) >> 3, BLOCK_K, THR)
+                keep = _keep8(seed, row0 + o_m, g0, BLOCK_K, THR)
             else:
                 keep = _keep(seed, row0 + o_m, col0 + o_k, THR)
             b_x = b_x * keep.to(b_x.dtype)

@@ -22,8 +22,13 @@ __all__ = ["InterpretBackend", "TritonBackend"]
 # Reduction blocks are fixed per dtype (bytes per tile row stay ~128 B); autotune only varies
 # the other tiles, warps and stages, so every config gives the same bits (kernels docstring).
 _RED = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
-# dy-pass and shrink-grad reduce over rows in blocks of this many tokens.
+# shrink-grad reduces over rows in blocks of this many tokens.
 _ROW_RED = 64
+# The dy pass reduces dB over rows in blocks of 256 tokens (one fp32 [N, r] partial each: at r <= 16
+# that is at most a quarter of dy's own bytes in 16 bits) and du over N in splits of 512 columns,
+# which also gives the grid (T/256) x (N/512) programs to fill the GPU.
+_DY_ROWS = 256
+_DY_COLS = 512
 # Shrink-grad splits T across programs so that K/BLOCK_K programs do not idle most SMs; the split
 # depends only on T, so the summation order is the same on every rank and every run.
 _ROWS_PER_SPLIT = 1024
@@ -137,20 +142,28 @@ class TritonBackend(Backend):
     def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc):
         T, N, R = dy.numel() // dy.shape[-1], dy.shape[-1], b.shape[1]
         compute_db = u is not None
-        # One fp32 partial of dB per row block that meets u's rows; summed below in a fixed order.
-        n_part = (u_row0 + u.shape[0] - 1) // _ROW_RED - u_row0 // _ROW_RED + 1 if compute_db else 1
-        part = torch.empty(n_part, N if compute_db else 1, R, dtype=torch.float32, device=dy.device)
-        du_k = du if du is not None else dy  # unused pointer when COMPUTE_DU is off
+        # fp32 partials, summed below in a fixed order: dB's per row block that meets u's rows,
+        # du's per column split.
+        n_part = (u_row0 + u.shape[0] - 1) // _DY_ROWS - u_row0 // _DY_ROWS + 1 if compute_db else 1
+        db_part = torch.empty(n_part, N if compute_db else 1, R, dtype=torch.float32, device=dy.device)
+        splits = triton.cdiv(N, _DY_COLS)
+        du_part = torch.empty(splits if du is not None else 1, T if du is not None else 1, R, dtype=torch.float32,
+                              device=dy.device)
         u_k = u if compute_db else b  # unused pointer when COMPUTE_DB is off
         fn, meta = self._kernel("dy_bwd")
-        fn[(triton.cdiv(T, _ROW_RED),)](
-            p_dy=dy, p_b=b, p_u=u_k, p_du=du_k, p_dbp=part, T=T, N=N, R=R, RPC=rpc, U_ROW0=u_row0,
-            U_ROWS=u.shape[0] if compute_db else 0, **_row_strides("dy", dy, rpc, "n"), s_bn=b.stride(0),
-            s_br=b.stride(1), s_um=u_k.stride(0), s_ur=u_k.stride(1), **_row_strides("du", du_k, rpc, "r"),
-            s_pt=part.stride(0), s_pn=part.stride(1), s_pr=part.stride(2), scale=scale,
-            COMPUTE_DU=du is not None, COMPUTE_DB=compute_db, **self._flags(dy.dtype), BLOCK_M=_ROW_RED,
-            BLOCK_N=_RED[dy.dtype], BLOCK_R=_block_r(R), **meta)
-        return part.sum(0).mul_(scale) if compute_db else None
+        fn[(triton.cdiv(T, _DY_ROWS), splits)](
+            p_dy=dy, p_b=b, p_u=u_k, p_dup=du_part, p_dbp=db_part, T=T, N=N, R=R, RPC=rpc, U_ROW0=u_row0,
+            U_ROWS=u.shape[0] if compute_db else 0, N_PER_SPLIT=_DY_COLS, **_row_strides("dy", dy, rpc, "n"),
+            s_bn=b.stride(0), s_br=b.stride(1), s_um=u_k.stride(0), s_ur=u_k.stride(1), s_dpt=du_part.stride(0),
+            s_dpm=du_part.stride(1), s_dpr=du_part.stride(2), s_pt=db_part.stride(0), s_pn=db_part.stride(1),
+            s_pr=db_part.stride(2), COMPUTE_DU=du is not None, COMPUTE_DB=compute_db, **self._flags(dy.dtype),
+            BLOCK_M=_DY_ROWS, BLOCK_N=_RED[dy.dtype], BLOCK_R=_block_r(R), **meta)
+        if du is not None:
+            total = du_part[0] if splits == 1 else du_part.sum(0)
+            du.copy_(total.mul_(scale).view(du.shape))
+        if not compute_db:
+            return None
+        return (db_part[0] if n_part == 1 else db_part.sum(0)).mul_(scale)
 
     def linear_dx(self, dy, w, du, a, dx, drop, rpc) -> None:
         T, N, K, R = dx.numel() // dx.shape[-1], w.shape[0], w.shape[1], a.shape[0]
@@ -170,8 +183,8 @@ class TritonBackend(Backend):
         grid = lambda m: (triton.cdiv(K, m["BLOCK_K"]), splits)  # noqa: E731
         fn[grid](p_du=du, p_x=x, p_dap=part, T=T, K=K, R=R, RPC=rpc, ROWS_PER_SPLIT=_ROWS_PER_SPLIT,
                  **_row_strides("du", du, rpc, "r"), **_row_strides("x", x, rpc, "k"), s_pt=part.stride(0),
-                 s_pr=part.stride(1), s_pk=part.stride(2), **_dropout(drop, x.device), **self._flags(x.dtype),
-                 BLOCK_M=_ROW_RED, BLOCK_R=_block_r(R), **meta)
+                 s_pr=part.stride(1), s_pk=part.stride(2), **_dropout(drop, x.device), CHUNKED=rpc < T,
+                 **self._flags(x.dtype), BLOCK_M=_ROW_RED, BLOCK_R=_block_r(R), **meta)
         return part[0] if splits == 1 else part.sum(0)
 
 
