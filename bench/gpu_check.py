@@ -88,7 +88,7 @@ def _kernel_case(shape, dt, ldt, p, device, backend, results) -> None:
     import torch
 
     from tplora_kernels.distributed import RowChunkedBuffer
-    from tplora_kernels.mask import dropout_threshold, keep_mask, keep_scale
+    from tplora_kernels.mask import DropoutSpec, dropout_threshold, keep_mask, keep_scale
     from tplora_kernels.ops import launch as L
 
     name, T, K, N, r, row0, col0, chunks, has_bias = shape
@@ -104,6 +104,7 @@ def _kernel_case(shape, dt, ldt, p, device, backend, results) -> None:
     bias = rnd(N) if has_bias else None
     thr = dropout_threshold(p)
     seed = torch.tensor([_SEED], dtype=torch.int64, device=device) if thr else None
+    spec = DropoutSpec(seed, thr, row0=row0, col0=col0)  # this block's place in the global mask
     ks = keep_scale(thr)
     m = keep_mask(_SEED, row0, T, col0, K, thr, device=device) if thr else None
     s = 0.5
@@ -117,7 +118,7 @@ def _kernel_case(shape, dt, ldt, p, device, backend, results) -> None:
     # shrink fwd, into the [z | u] buffer's u (row-chunked as under SP) when chunks > 1
     buf = RowChunkedBuffer(T, (N, r), chunks, dt, device) if chunks > 1 else None
     out = buf.views[1] if buf is not None else None
-    u = L.lora_shrink_fwd(x, a, seed=seed, thr=thr, row0=row0, col0=col0, out=out, backend=backend)
+    u = L.lora_shrink_fwd(x, a, drop=spec, out=out, backend=backend)
     u = out.reshape(T, r) if out is not None else u
     _verdict("shrink_fwd u", u, *both(lambda d: drop(x.to(d)) @ a.to(d).t()), results, **tags)
     # linear fwd (+bias), into the buffer's z when chunked
@@ -131,10 +132,10 @@ def _kernel_case(shape, dt, ldt, p, device, backend, results) -> None:
     _verdict("dy_bwd du", du, *both(lambda d: s * dy.to(d) @ b.to(d)), results, **tags)
     _verdict("dy_bwd dB", db, *both(lambda d: s * dy.to(d).t() @ u_in.to(d)), results, **tags)
     # linear dx, the mask regenerated in the epilogue
-    dx = L.lora_linear_dx(dy, w, du_in, a, seed=seed, thr=thr, row0=row0, col0=col0, backend=backend)
+    dx = L.lora_linear_dx(dy, w, du_in, a, drop=spec, backend=backend)
     _verdict("linear_dx dx", dx, *both(lambda d: dy.to(d) @ w.to(d) + drop(du_in.to(d) @ a.to(d))), results, **tags)
     # shrink bwd
-    da = L.lora_shrink_bwd(du_in, x, seed=seed, thr=thr, row0=row0, col0=col0, backend=backend)
+    da = L.lora_shrink_bwd(du_in, x, drop=spec, backend=backend)
     _verdict("shrink_bwd dA", da, *both(lambda d: du_in.to(d).t() @ drop(x.to(d))), results, **tags)
 
 
@@ -290,14 +291,14 @@ def check_int64(device, backend: str, results: list, big_rows: int | None = None
     """Each kernel on an operand of more than 2^31 elements; ends compared with torch."""
     import torch
 
-    from tplora_kernels.mask import dropout_threshold, keep_mask, keep_scale
+    from tplora_kernels.mask import DropoutSpec, dropout_threshold, keep_mask, keep_scale
     from tplora_kernels.ops import launch as L
 
     dt, W_ = torch.bfloat16, 4096
     T = big_rows or (2**31 // W_ + 192)  # T·4096 > 2^31 elements
     r, s, e = 16, 0.5, 128
     thr = dropout_threshold(0.1)
-    seed = torch.tensor([_SEED], dtype=torch.int64, device=device)
+    spec = DropoutSpec(torch.tensor([_SEED], dtype=torch.int64, device=device), thr)
     ends = (slice(0, e), slice(T - e, T))
 
     def gen(*shape, std=1.0):
@@ -327,13 +328,13 @@ def check_int64(device, backend: str, results: list, big_rows: int | None = None
 
     def linear_dx():  # writes dx [T, 4096], mask at rows past 2^31 / 4096 · 8
         dy, w, du, a = gen(T, 16), gen(16, W_, std=0.25), gen(T, r), gen(r, W_, std=0.1)
-        dx = L.lora_linear_dx(dy, w, du, a, seed=seed, thr=thr, backend=backend)
+        dx = L.lora_linear_dx(dy, w, du, a, drop=spec, backend=backend)
         return max(_rel(dx[i], dy[i].double() @ w.double() + (du[i].double() @ a.double()) * mask(i, W_).double())
                    for i in ends)
 
     def shrink_fwd():  # reads x [T, 4096]
         x, a = gen(T, W_), gen(r, W_, std=W_ ** -0.5)
-        u = L.lora_shrink_fwd(x, a, seed=seed, thr=thr, backend=backend)
+        u = L.lora_shrink_fwd(x, a, drop=spec, backend=backend)
         return max(_rel(u[i], (x[i].double() * mask(i, W_).double()) @ a.double().t()) for i in ends)
 
     def dy_bwd():  # reads dy [T, 4096]
