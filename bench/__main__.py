@@ -14,8 +14,8 @@ _CPU_DEFAULTS = {"tokens": 1024, "d_in": 1024, "d_out": 1024, "r": 16, "p": "0,0
 _CUDA_DEFAULTS = {"tokens": 8192, "d_in": 4096, "d_out": 4096, "r": 16, "p": "0,0.1", "dtype": "bf16",
                   "warmup": 5, "reps": 30}
 _QUICK = {"tokens": 64, "d_in": 64, "d_out": 64, "r": 8, "p": "0.1", "warmup": 1, "reps": 3}
-# `time python -m bench` on the idle 2-core VM of bench/NOTES.md; README says the same.
-DEFAULT_RUN_MINUTES = "2.5"
+# `time python -m bench` on the 2-core VM of bench/NOTES.md §3 (230 s of CPU time); README says the same.
+DEFAULT_RUN_MINUTES = "4"
 
 _EPILOG = """\
 Contenders per case: the frozen base layer alone (the floor); "reference", our torch emulation of
@@ -25,11 +25,12 @@ PEFT's LoraParallelLinear structure (materialised dropout, fp32 LoRA weights, it
 (column: W_i [N/t, K]; row: W_i [N, K/t]).
 
 Defaults: CPU fp32, T=1024, K=N=1024, r=16, p in {0, 0.1}, TP 1,2,4 on gloo, SP off/on, one
-thread per rank: 20 cases, about {minutes} minutes on an idle 2-core machine. On CPU the fused path
-runs the torch backend: CPU times show the structure (collectives, saved bytes), not GPU speed.
-CUDA: triton backend, bf16, T=8192, K=N=4096; TP sizes beyond the GPU count run each rank's
-shard shapes on one GPU (collectives "not measured"). The GPU speed targets (fused fwd+bwd <=
-1.05x the base layer, >= 1.45x faster than the reference) are judged on such runs only.
+thread per rank: 20 cases, about {minutes} minutes on 2 cores (longer when other work shares
+them). On CPU the fused path runs the torch backend: CPU times show the structure (collectives,
+saved bytes), not GPU speed. CUDA: bf16, T=8192, K=N=4096, the package's GPU backend; TP sizes
+beyond the GPU count run each rank's shard shapes on one GPU (collectives "not measured"). The
+GPU speed targets (fused fwd+bwd <= 1.05x the base layer, >= 1.45x faster than the reference)
+are judged on such runs only.
 
 Writes bench.json, bench.csv and bench.png under --out-dir, and a table on stdout.
 Examples:
