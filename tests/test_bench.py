@@ -242,3 +242,14 @@ def test_helpers():
     c = Case("column", 2, False, 8, 16, 32, 4, 0.0, "fp32")
     assert model_flops(c, "base", "fwd") == 2 * 8 * 16 * 16
     assert model_flops(c, "fused", "fwd_bwd") == 4 * 8 * 16 * 16 + 6 * 8 * 4 * (16 + 16)
+
+
+def test_duration_stated_alike_in_help_readme_and_notes():
+    from bench.__main__ import DEFAULT_RUN_MINUTES, build_parser
+
+    phrase = f"about {DEFAULT_RUN_MINUTES} minutes"
+    texts = {"--help": " ".join(build_parser().format_help().split()),
+             "README.md": " ".join((ROOT / "README.md").read_text().split()),
+             "bench/NOTES.md": " ".join((ROOT / "bench" / "NOTES.md").read_text().split())}
+    missing = [name for name, text in texts.items() if phrase not in text]
+    assert not missing, f"{missing} do not state the default run's duration as {phrase!r}"
