@@ -660,9 +660,26 @@ def _rank_main(rank: int, world: int, port: int, tasks: list, out_dir: str) -> N
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        _end_children()
     # Saved: leave without interpreter teardown (megatron's checkpoint writer can leave a joinable
     # C++ thread whose destructor aborts the process at exit, after the work is done).
     os._exit(0)
+
+
+def _end_children() -> None:
+    """End the processes this rank started and still holds.
+
+    dist_checkpointing's writer keeps a multiprocessing Manager (its results queue) in a module
+    global; only interpreter teardown, which ``os._exit`` skips, would stop it, and it would
+    outlive the test.
+    """
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
 
 
 def _last_line(path: str) -> str | None:
