@@ -78,7 +78,7 @@ def main(tp_group=None, out_dir: str | None = None) -> dict:
     sharded = model.linear_fc1.sharded_state_dict(prefix="linear_fc1.")  # -> dist_checkpointing.save(...)
     # A PEFT-format copy with full A and B (loads onto a dense nn.Linear model, or at any TP size).
     out_dir = out_dir or tempfile.mkdtemp()
-    tplora_kernels.save_adapter(model, out_dir)
+    tplora_kernels.save_adapter(model, out_dir, group=tp_group)  # every rank that calls it: here, the job
     return {"adapted": adapted, "losses": losses, "sharded_keys": sorted(sharded), "out_dir": out_dir,
             "sp_marked": [n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False)]}
 # --8<-- [end:readme]

@@ -76,7 +76,8 @@ def main(tp_group=None, out_dir: str | None = None) -> dict:
 
     keys = sorted(get_peft_model_state_dict(model))  # PEFT's layout: base_model.model.fc1.lora_A.weight, ...
     out_dir = out_dir or tempfile.mkdtemp()
-    tplora_kernels.save_adapter(model, out_dir)  # full A and B in PEFT's format, written by rank 0
+    # Full A and B in PEFT's format, written once; every rank that calls it (here the job) waits for it.
+    tplora_kernels.save_adapter(model, out_dir, group=tp_group)
 
     model.eval()
     with torch.no_grad():

@@ -21,7 +21,7 @@ from .config import LoRAConfig
 from .dispatch import apply_lora, dispatch_megatron
 from .distributed import sum_sequence_parallel_grads
 from .functional import column_parallel_lora, parallel_linear, row_parallel_lora
-from .modules import ColumnParallelLoRA, RowParallelLoRA, lora_modules
+from .modules import ColumnParallelLoRA, RowParallelLoRA, lora_modules, set_batch_adapters
 from .rng import checkpoint_context_fn, draw_seed
 
 __version__ = "0.1.0.dev0"
@@ -46,5 +46,6 @@ __all__ = [
     "resolve_backend",
     "row_parallel_lora",
     "save_adapter",
+    "set_batch_adapters",
     "sum_sequence_parallel_grads",
 ]

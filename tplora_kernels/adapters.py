@@ -169,7 +169,7 @@ class AdapterMixin:
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self._options: dict[str, AdapterOptions] = {}
-        self._active_adapter: str | None = None
+        self._active: list[str] = []
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
 
@@ -205,7 +205,7 @@ class AdapterMixin:
         for which, p in (("lora_A", pa), ("lora_B", pb)):
             self.spec.layout.mark(p, which, sequence_parallel=self.spec.sequence_parallel,
                                   allreduce=not self.spec.is_expert)
-        trainable = self._active_adapter in (None, adapter_name) and not self._disable_adapters
+        trainable = (not self._active or adapter_name in self._active) and not self._disable_adapters
         pa.requires_grad_(trainable)
         pb.requires_grad_(trainable)
         self.lora_A[adapter_name] = LoRAFactor(pa)
@@ -288,48 +288,52 @@ class AdapterMixin:
             raise ValueError(f"unknown adapter {name!r}; this layer has {sorted(self._options)}")
 
     @property
-    def active_adapter(self) -> str | None:
-        """The active adapter's name (None once every adapter is deleted)."""
-        return self._active_adapter
+    def active_adapter(self) -> str | list[str] | None:
+        """The active adapter's name; a list when several are active (PEFT's convention); None if none."""
+        if len(self._active) == 1:
+            return self._active[0]
+        return list(self._active) or None
 
     @property
     def active_adapters(self) -> list[str]:
-        """The active adapter names (at most one: the fused kernels apply one adapter per call)."""
-        return [] if self._active_adapter is None else [self._active_adapter]
+        """The active adapter names. One drives a plain forward; several train together in mixed batches."""
+        return list(self._active)
 
     def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
-        """Make ``adapter_names`` (one name, or a one-element list) the active adapter.
+        """Make ``adapter_names`` (one name, or several) the active adapters.
 
-        Its factors become trainable (unless ``inference_mode``); every other adapter is frozen.
-        A merged adapter is unmerged first, as PEFT's model-level ``set_adapter`` does.
+        Their factors become trainable (unless ``inference_mode``); every other adapter is frozen.
+        A plain forward applies the one active adapter; with several active, each sample must name
+        its adapter (``multi``: ``set_batch_adapters`` or ``adapter_names=``). A merged adapter is
+        unmerged first, as PEFT's model-level ``set_adapter`` does.
 
         Args:
-            adapter_names: the adapter to activate.
-            inference_mode: keep the activated adapter frozen.
+            adapter_names: the adapter(s) to activate.
+            inference_mode: keep the activated adapters frozen.
 
         Example:
-            >>> # layer.set_adapter("math")
+            >>> # layer.set_adapter("math"); layer.set_adapter(["math", "code"])
         """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        if len(names) != 1:
-            raise ValueError(f"adapter_names must name exactly one adapter (the fused kernels apply one at a "
-                             f"time), got {names}")
-        self._check_adapter(names[0])
-        if self.merged and names[0] != self._active_adapter:
-            warnings.warn(f"set_adapter({names[0]!r}) on a merged layer: unmerging {self.merged_adapters} first",
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"adapter_names must name one or more distinct adapters, got {names}")
+        for name in names:
+            self._check_adapter(name)
+        if self.merged and names != self._active:
+            warnings.warn(f"set_adapter({names!r}) on a merged layer: unmerging {self.merged_adapters} first",
                           stacklevel=2)
             self.unmerge()
-        self._active_adapter = names[0]
+        self._active = names
         for n in self.lora_A:
-            flag = n == names[0] and not inference_mode
+            flag = n in names and not inference_mode
             self.lora_A[n].weight.requires_grad_(flag)
             self.lora_B[n].weight.requires_grad_(flag)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` (unmerging first if merged).
 
-        Deleting the active adapter activates the first remaining one in sorted order, the same
-        on every layer (PEFT's rule), or none if it was the last.
+        Deleting the (last) active adapter activates the first remaining one in sorted order, the
+        same on every layer (PEFT's rule), or none if it was the last.
         """
         self._check_adapter(adapter_name)
         if adapter_name in self.merged_adapters:
@@ -337,9 +341,9 @@ class AdapterMixin:
         del self.lora_A[adapter_name]
         del self.lora_B[adapter_name]
         del self._options[adapter_name]
-        if self._active_adapter == adapter_name:
-            self._active_adapter = None
-            if self._options:
+        if adapter_name in self._active:
+            self._active = [n for n in self._active if n != adapter_name]
+            if not self._active and self._options:
                 self.set_adapter(sorted(self._options)[0])
 
     @property
@@ -358,8 +362,8 @@ class AdapterMixin:
         """
         if enabled:
             self._disable_adapters = False
-            if self._active_adapter is not None:
-                self.set_adapter(self._active_adapter)
+            if self._active:
+                self.set_adapter(self._active)
         else:
             for d in (self.lora_A, self.lora_B):
                 for f in d.values():

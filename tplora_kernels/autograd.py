@@ -63,6 +63,7 @@ from torch.autograd.function import once_differentiable
 from . import distributed as D
 from .backends import Backend
 from .mask import DropoutSpec
+from .multi import AdapterMix
 from .ops import launch as L
 
 __all__ = ["Plan", "_ColumnParallelLoRAFn", "_RowParallelLoRAFn", "lora_act_dtype"]
@@ -91,6 +92,9 @@ class Plan:
         explicit_comm: the base does no TP communication of its own (an MoE expert under expert
             TP: the token dispatcher gathers its input and reduces its output); the outputs and
             dX stay partial sums, and only LoRA's own T×r tensor (u or du) is reduced here.
+        mix: several adapters in one batch (``multi.AdapterMix``): the factors are stacked, u and
+            du are gated per row, and each row's dropout uses its adapter's threshold (``scale``
+            is then 1 and ``thr`` the largest threshold).
     """
 
     group: dist.ProcessGroup | None
@@ -104,10 +108,18 @@ class Plan:
     input_is_parallel: bool = True
     out_dtype: torch.dtype | None = None
     explicit_comm: bool = False
+    mix: AdapterMix | None = None
 
     def dropout(self, seed: torch.Tensor | None) -> DropoutSpec:
         """The call's dropout, positioned at the full input's element (0, 0)."""
-        return DropoutSpec(seed, self.thr)
+        if self.mix is None or not self.thr:
+            return DropoutSpec(seed, self.thr)
+        return DropoutSpec(seed, self.thr, row_thr=self.mix.row_thr(seed.device))
+
+    def gate(self, t: torch.Tensor, row0: int) -> None:
+        """Gate u or du per row for a mixed batch (see ``multi``); nothing for one adapter."""
+        if self.mix is not None:
+            self.mix.apply_gate(t, row0)
 
 
 def _deliver(param: torch.Tensor, g32: torch.Tensor | None) -> torch.Tensor | None:
@@ -151,12 +163,14 @@ class _ColumnParallelLoRAFn(torch.autograd.Function):
                 packed = torch.empty(T_i, K + R, dtype=x.dtype, device=x.device)  # row j = [x_j | u_j]
                 L.lora_shrink_fwd(x, lora_a, drop=drop.shifted(rows=plan.rank * T_i), out=packed[:, K:],
                                   x_out=packed[:, :K], backend=be)
+                plan.gate(packed[:, K:], plan.rank * T_i)
                 X, u = D.all_gather_rows(packed, plan.group).split([K, R], dim=1)
                 u_saved = u.clone()  # compact: saving the view would pin the gathered x
             else:
                 X = D.all_gather_rows(x, plan.group) if plan.sequence_parallel else x
                 u = torch.empty(X.shape[0], lora_a.shape[0], dtype=u_dtype, device=x.device)
                 u = u_saved = L.lora_shrink_fwd(X, lora_a, drop=drop, out=u, backend=be)
+                plan.gate(u, 0)
             y = torch.empty(X.shape[0], weight.shape[0], dtype=plan.out_dtype or x.dtype, device=x.device)
             L.lora_linear_fwd(X, weight, u, lora_b, scale=plan.scale, bias=bias, out=y, backend=be)
             if plan.gather_output:
@@ -187,6 +201,7 @@ class _ColumnParallelLoRAFn(torch.autograd.Function):
                 du_view = buf.views[-1] if need_da else None
                 du, db = L.lora_dy_bwd(dy, lora_b, u if need_db else None, scale=plan.scale, du_out=du_view,
                                        backend=be)
+                plan.gate(du, 0)
                 if need_dx:
                     # dX_i and du_i are partial sums over ranks, and dX_i is linear in du_i, so the
                     # base's one dgrad collective (r columns wider) finishes both.
@@ -227,9 +242,11 @@ class _RowParallelLoRAFn(torch.autograd.Function):
         with _no_autocast(x.device):
             if buf.flat.dtype in (lora_act_dtype(x.dtype, lora_a.dtype), torch.float32):
                 u_i = L.lora_shrink_fwd(x_i, lora_a, drop=drop, out=buf.views[1], backend=be)
+                plan.gate(u_i, 0)
             else:  # kept wider than the buffer: compute z from it, and carry a copy for the reduction
                 u_i = L.lora_shrink_fwd(x_i, lora_a, drop=drop,
                                         out=torch.empty(T, R, dtype=torch.float32, device=x.device), backend=be)
+                plan.gate(u_i, 0)
                 buf.views[1].copy_(u_i.view(buf.views[1].shape))
             L.lora_linear_fwd(x_i, weight, u_i, lora_b, scale=plan.scale, out=buf.views[0], backend=be)
             if plan.sequence_parallel:
@@ -260,6 +277,8 @@ class _RowParallelLoRAFn(torch.autograd.Function):
         with _no_autocast(dy.device), be.backward_scope():
             du, db = L.lora_dy_bwd(dY, lora_b, u if need_db else None, scale=plan.scale, u_row0=u_row0,
                                    compute_du=need_dx or need_da, backend=be)
+            if du is not None:
+                plan.gate(du, 0)
             if need_dx:
                 dx = L.lora_linear_dx(dY, weight, du, lora_a, drop=drop, backend=be)
                 if not plan.input_is_parallel:

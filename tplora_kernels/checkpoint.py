@@ -120,11 +120,11 @@ def _resolve_adapter(model: nn.Module, mods, adapter_name: str | None) -> str:
     peft_active = getattr(model, "active_adapter", None) if hasattr(model, "peft_config") else None
     if isinstance(peft_active, str):
         return _resolve_adapter(model, mods, peft_active)
-    active = {m.active_adapter for _, m in mods}
-    if len(active) != 1 or None in active:
-        raise ValueError(f"adapter_name=None needs one active adapter on every layer, found {sorted(map(str, active))}"
+    active = {tuple(m.active_adapters) for _, m in mods}
+    if len(active) != 1 or len(next(iter(active))) != 1:
+        raise ValueError(f"adapter_name=None needs one active adapter on every layer, found {sorted(active)}"
                          "; pass adapter_name")
-    return active.pop()
+    return active.pop()[0]
 
 
 def _config_dict(model: nn.Module, mods, adapter_name: str, config: Any, names: dict[str, str]) -> dict:

@@ -163,6 +163,11 @@ def apply_lora(model: nn.Module, config: Any, adapter_name: str = "default", *, 
         raise
     if not built and not added:
         raise ValueError(f"apply_lora: target_modules={targets!r} matched no supported parallel linear in the model")
+    tied = [name for name, new in built if new.spec.external_weight]
+    if tied and not freeze:
+        _restore(flags, rng)
+        raise ValueError(f"apply_lora changed nothing: {tied} use the embedding's weight (tied), which LoRA needs "
+                         "frozen; pass freeze=True, or leave them out of target_modules")
     for name, new in built:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -173,8 +178,27 @@ def apply_lora(model: nn.Module, config: Any, adapter_name: str = "default", *, 
         for p in model.parameters():
             if id(p) not in lora:
                 p.requires_grad_(False)
+        _inputs_require_grad_under_recompute(model)
     done = {n for n, _ in built} | {n for n, _, _ in added}
     return [n for n, _ in model.named_modules() if n in done]
+
+
+def _inputs_require_grad_under_recompute(model: nn.Module) -> None:
+    """Make a frozen embedding's output require grad when the model recomputes activations.
+
+    megatron's activation recompute (``tensor_parallel.checkpoint``) is reentrant: a recomputed
+    block whose input needs no gradient gives no gradient to anything inside it. Once the
+    embedding is frozen its output needs none, so the LoRA factors of a fully recomputed model
+    would get no gradient (backward even raises). PEFT's ``enable_input_require_grads`` is the same
+    remedy. Only models configured for recompute get the hook.
+    """
+    config = getattr(model, "config", None)
+    embedding = getattr(model, "embedding", None)
+    if embedding is None or getattr(config, "recompute_granularity", None) is None:
+        return
+    if getattr(embedding, "_tplora_requires_grad_hook", None) is None:
+        embedding._tplora_requires_grad_hook = embedding.register_forward_hook(
+            lambda module, args, out: out.requires_grad_(True) if torch.is_grad_enabled() else out)
 
 
 def _restore(flags: dict, rng: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ from .backends import Backend, get_backend
 from .config import check_dropout, check_scale
 from .mappings import base_parallel_linear
 from .mask import dropout_threshold
+from .multi import AdapterMix
 from .rng import SeedLike, check_seed, draw_seed, resolve_seed
 
 __all__ = ["column_parallel_lora", "draw_seed", "parallel_linear", "row_parallel_lora"]
@@ -72,6 +73,21 @@ def _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -> tuple[
     return scale, thr
 
 
+def _check_mix(mix, x: torch.Tensor, lora_a: torch.Tensor, scale: float, thr: int, rows_scale: int) -> None:
+    """A mixed batch's checks: stacked rank, one adapter per sample, options carried by the mix."""
+    if not isinstance(mix, AdapterMix):
+        raise TypeError(f"mix must be a multi.AdapterMix or None, got {type(mix).__name__}")
+    if lora_a.shape[0] != mix.rank:
+        raise ValueError(f"mix: the stacked factors have rank {lora_a.shape[0]} but the mix's adapters sum to "
+                         f"{mix.rank}")
+    if scale != 1.0 or thr:
+        raise ValueError("mix: each adapter's scale and dropout come from the mix; leave scale=1 and dropout_p=0")
+    samples = x.shape[1] if x.dim() >= 3 else x.shape[0] * rows_scale
+    if x.dim() < 2 or mix.period != samples:
+        raise ValueError(f"mix: x must be [s, b, K] (or [b, K], one row per sample) with one adapter per sample; "
+                         f"got x of shape {tuple(x.shape)} and {mix.period} sample adapters")
+
+
 def _lead(x: torch.Tensor, K: int, what: str) -> None:
     if x.shape[-1] != K:
         raise ValueError(f"x's hidden size must be {what} {K}, got x of shape {tuple(x.shape)}")
@@ -87,7 +103,7 @@ def _explicit(explicit_comm, sequence_parallel, extra_collective: bool) -> bool:
 
 
 def _column(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence_parallel, gather_output, group,
-            backend, out_dtype, explicit_comm=False) -> tuple[torch.Tensor, Plan]:
+            backend, out_dtype, explicit_comm=False, mix=None) -> tuple[torch.Tensor, Plan]:
     scale, thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
     _check_out_dtype(out_dtype)
     K = weight.shape[1]
@@ -102,11 +118,14 @@ def _column(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence
     explicit = _explicit(explicit_comm, sp, bool(gather_output) and world > 1)
     if sp and x.dim() < 2:
         raise ValueError(f"sequence_parallel needs x with a sequence dimension, got shape {tuple(x.shape)}")
+    if mix is not None:
+        _check_mix(mix, x, lora_a, scale, thr, world if sp else 1)
+        thr = mix.max_thr
     T = x.numel() // K * (world if sp else 1)
     be = get_backend(x.device, backend, gemm=(x.dtype, lora_a.dtype, weight.shape[0], K, lora_a.shape[0], T, group))
     seed_t = resolve_seed(seed, x.device) if thr else None
     plan = Plan(group, world, rank, scale, thr, sp, be, gather_output=bool(gather_output) and world > 1,
-                out_dtype=out_dtype, explicit_comm=explicit)
+                out_dtype=out_dtype, explicit_comm=explicit, mix=mix)
     lead = list(x.shape[:-1])
     if sp:
         lead[0] *= world
@@ -115,7 +134,7 @@ def _column(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence
 
 
 def _row(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence_parallel, input_is_parallel, group,
-         backend, out_dtype, explicit_comm=False) -> tuple[torch.Tensor, Plan]:
+         backend, out_dtype, explicit_comm=False, mix=None) -> tuple[torch.Tensor, Plan]:
     scale, thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
     _check_out_dtype(out_dtype)
     world, rank = D.group_size(group), D.group_rank(group)
@@ -135,11 +154,14 @@ def _row(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence_pa
     if sp and (x.dim() < 2 or x.shape[0] % world):
         raise ValueError(f"sequence_parallel needs x's sequence dimension (dim 0) divisible by the TP size "
                          f"{world}, got x of shape {tuple(x.shape)}")
+    if mix is not None:
+        _check_mix(mix, x, lora_a, scale, thr, 1)
+        thr = mix.max_thr
     T = x.numel() // K
     be = get_backend(x.device, backend, gemm=(x.dtype, lora_a.dtype, weight.shape[0], k, lora_a.shape[0], T, group))
     seed_t = resolve_seed(seed, x.device) if thr else None
     plan = Plan(group, world, rank, scale, thr, sp, be, input_is_parallel=bool(input_is_parallel) or world == 1,
-                out_dtype=out_dtype, explicit_comm=explicit)
+                out_dtype=out_dtype, explicit_comm=explicit, mix=mix)
     lead = list(x.shape[:-1])
     if sp:
         lead[0] //= world
@@ -151,7 +173,8 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
                          bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
                          seed: SeedLike = None, sequence_parallel: bool = False, gather_output: bool = False,
                          group: dist.ProcessGroup | None = None, backend: str | Backend | None = None,
-                         out_dtype: torch.dtype | None = None, explicit_comm: bool = False) -> torch.Tensor:
+                         out_dtype: torch.dtype | None = None, explicit_comm: bool = False,
+                         mix: AdapterMix | None = None) -> torch.Tensor:
     """LoRA on a column-parallel linear: ``y_i = X W_iᵀ + s·(drop(X) Aᵀ) B_iᵀ (+ bias_i)``.
 
     Adds no collective to the base layer's: SP gathers x's rows in forward (the base needs it)
@@ -176,6 +199,9 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
         explicit_comm: the base layer does no TP communication (an MoE expert under expert TP,
             whose token dispatcher gathers x and reduces dX): dX stays a partial sum and du gets
             one all-reduce over ``group``.
+        mix: several adapters in one batch (``multi.AdapterMix``, one adapter per sample of the
+            batch dim of ``[s, b, K]``): ``lora_a`` ``[Σr, K]`` and ``lora_b`` ``[N/t, Σr]`` are the
+            adapters' factors stacked in the mix's order; scale and dropout come from the mix.
 
     Returns:
         ``[S, ..., N/t]`` (``[S, ..., N]`` with gather_output), S = x.shape[0] · t under SP.
@@ -188,14 +214,15 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
     """
     return _column(x, weight, lora_a, lora_b, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
                    sequence_parallel=sequence_parallel, gather_output=gather_output, group=group, backend=backend,
-                   out_dtype=out_dtype, explicit_comm=explicit_comm)[0]
+                   out_dtype=out_dtype, explicit_comm=explicit_comm, mix=mix)[0]
 
 
 def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
                       bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
                       seed: SeedLike = None, sequence_parallel: bool = False, input_is_parallel: bool = True,
                       group: dist.ProcessGroup | None = None, backend: str | Backend | None = None,
-                      out_dtype: torch.dtype | None = None, explicit_comm: bool = False) -> torch.Tensor:
+                      out_dtype: torch.dtype | None = None, explicit_comm: bool = False,
+                      mix: AdapterMix | None = None) -> torch.Tensor:
     """LoRA on a row-parallel linear: ``y = Σ_i [x_i W_iᵀ + s·(drop(x_i) A_iᵀ) Bᵀ] (+ bias)``.
 
     Adds no collective: one all-reduce (SP off) or reduce-scatter (SP on) of ``[z_i | u_i]``
@@ -218,6 +245,8 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
         explicit_comm: the base layer does no TP communication (an MoE expert under expert TP,
             whose token dispatcher reduces the output): y stays a partial sum and u gets one
             all-reduce over ``group``.
+        mix: several adapters in one batch, as ``column_parallel_lora`` (``lora_a`` ``[Σr, K/t]``,
+            ``lora_b`` ``[N, Σr]``).
 
     Returns:
         ``[S, ..., N]``; under SP ``[S/t, ..., N]``.
@@ -230,7 +259,7 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
     """
     return _row(x, weight, lora_a, lora_b, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
                 sequence_parallel=sequence_parallel, input_is_parallel=input_is_parallel, group=group,
-                backend=backend, out_dtype=out_dtype, explicit_comm=explicit_comm)[0]
+                backend=backend, out_dtype=out_dtype, explicit_comm=explicit_comm, mix=mix)[0]
 
 
 def parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: torch.Tensor | None = None,

@@ -117,11 +117,12 @@ def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, 
     return c0 & _M32, c1 & _M32, c2 & _M32, c3 & _M32
 
 
-def _keep_groups(seed: int, rows: torch.Tensor, groups: torch.Tensor, thr: int) -> torch.Tensor:
+def _keep_groups(seed: int, rows: torch.Tensor, groups: torch.Tensor, thr: int | torch.Tensor) -> torch.Tensor:
     """Keep-mask for ``rows`` x column groups of 8: bool ``[len(rows), 8 * len(groups)]``.
 
-    Each 16-bit lane is compared with ``thr`` before the lanes are interleaved, so only bools are
-    stacked (8x less memory than stacking the int64 lanes).
+    Each 16-bit lane is compared with ``thr`` (an int, or one threshold per row, ``[len(rows), 1]``)
+    before the lanes are interleaved, so only bools are stacked (8x less memory than stacking the
+    int64 lanes).
     """
     r = rows[:, None]
     g = groups[None, :]
@@ -135,7 +136,8 @@ def _keep_groups(seed: int, rows: torch.Tensor, groups: torch.Tensor, thr: int) 
 
 
 def keep_mask(seed: int | torch.Tensor, row_start: int, n_rows: int, col_start: int, n_cols: int,
-              thr: int, device: torch.device | str | None = None) -> torch.Tensor:
+              thr: int, device: torch.device | str | None = None, *,
+              row_thr: torch.Tensor | None = None) -> torch.Tensor:
     """The dropout keep-mask for a block of global rows and columns.
 
     Args:
@@ -144,8 +146,10 @@ def keep_mask(seed: int | torch.Tensor, row_start: int, n_rows: int, col_start: 
         n_rows: rows in the block.
         col_start: global index of the first column (feature) of the block.
         n_cols: columns in the block.
-        thr: ``dropout_threshold(p)``.
+        thr: ``dropout_threshold(p)`` (ignored when ``row_thr`` is given).
         device: where to build the mask (default CPU).
+        row_thr: one threshold per global row, a ``[P]`` integer tensor: global row ``g`` uses
+            ``row_thr[g % P]`` (several adapters in one batch, each with its own p, one per sample).
 
     Returns:
         bool tensor ``[n_rows, n_cols]``, True where the element is kept.
@@ -168,7 +172,8 @@ def keep_mask(seed: int | torch.Tensor, row_start: int, n_rows: int, col_start: 
     for r0 in range(0, n_rows, step):
         rows = torch.arange(row_start + r0, row_start + min(n_rows, r0 + step), dtype=torch.int64,
                             device=device)
-        out[r0:r0 + len(rows)] = _keep_groups(seed, rows, groups, thr)[:, lead:lead + n_cols]
+        t = thr if row_thr is None else row_thr.to(device=device, dtype=torch.int64)[rows % row_thr.numel()][:, None]
+        out[r0:r0 + len(rows)] = _keep_groups(seed, rows, groups, t)[:, lead:lead + n_cols]
     return out
 
 
@@ -182,9 +187,13 @@ class DropoutSpec:
 
     Attributes:
         seed: one-element int64 tensor on the operands' device (None when ``thr == 0``).
-        thr: ``dropout_threshold(p)``; 0 means no dropout and no mask work.
+        thr: ``dropout_threshold(p)``; 0 means no dropout and no mask work. With ``row_thr``, the
+            largest of those thresholds (it only says whether any element can be dropped).
         row0: global row of the operand's first row.
         col0: global column of its first column.
+        row_thr: optional per-row thresholds, ``[P]`` int32 on the operands' device: global row
+            ``g`` uses ``row_thr[g % P]`` (a mixed batch of adapters with different dropout). The
+            rescale ``1/(1-p)`` of such rows is then the caller's (``keep_scale`` is 1).
 
     Example:
         >>> spec = DropoutSpec(torch.tensor([7]), dropout_threshold(0.5), row0=0, col0=16)
@@ -196,6 +205,7 @@ class DropoutSpec:
     thr: int = 0
     row0: int = 0
     col0: int = 0
+    row_thr: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.thr < _ONE:
@@ -211,8 +221,8 @@ class DropoutSpec:
 
     @property
     def keep_scale(self) -> float:
-        """``1 / P(keep)``, the rescale of kept elements."""
-        return keep_scale(self.thr)
+        """``1 / P(keep)``, the rescale of kept elements (1 with per-row thresholds: the caller rescales)."""
+        return 1.0 if self.row_thr is not None else keep_scale(self.thr)
 
     def shifted(self, rows: int = 0, cols: int = 0) -> DropoutSpec:
         """The same mask seen from an operand that starts ``rows``/``cols`` further on."""
@@ -222,7 +232,8 @@ class DropoutSpec:
         """This block's keep-mask, ``[n_rows, n_cols]`` bool (all True without dropout)."""
         if not self.active:
             return torch.ones(n_rows, n_cols, dtype=torch.bool, device=device)
-        return keep_mask(self.seed, self.row0, n_rows, self.col0, n_cols, self.thr, device=device)
+        return keep_mask(self.seed, self.row0, n_rows, self.col0, n_cols, self.thr, device=device,
+                         row_thr=self.row_thr)
 
 
 NO_DROPOUT = DropoutSpec()

@@ -30,6 +30,7 @@ megatron's SwiGLU treatment), so a checkpoint saved at one TP size loads at any 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,10 +39,12 @@ from torch import nn
 from .adapters import AdapterMixin, LoRAFactor, init_full_factors
 from .base import describe
 from .functional import _column, _row, parallel_linear
+from .mask import dropout_threshold
+from .multi import BASE, build_mix
 from .rng import SeedLike, check_seed
 
 __all__ = ["ColumnParallelLoRA", "LoRAFactor", "RowParallelLoRA", "init_full_factors", "lora_modules",
-           "unwrap_base_layer"]
+           "set_batch_adapters", "unwrap_base_layer"]
 
 
 class _ParallelLoRA(AdapterMixin, nn.Module):
@@ -62,6 +65,8 @@ class _ParallelLoRA(AdapterMixin, nn.Module):
         self.lora_dtype = lora_dtype
         self.seed = seed
         self.last_backend: str | None = None
+        # One adapter name per sample for the mixed batches to come (set_batch_adapters), or None.
+        self.batch_adapters: list[str] | None = None
         self._init_adapters()
         self._create_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              init_lora_weights=init_lora_weights, use_rslora=use_rslora)
@@ -152,8 +157,48 @@ class _ParallelLoRA(AdapterMixin, nn.Module):
         """
 
     # -- forward -----------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor, weight: torch.Tensor | None,
-                 gather_output: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _lora_call(self, x: torch.Tensor, names: Sequence[str] | None) -> dict | None:
+        """The factors, scale, dropout and mix of this call, or None for the base layer alone.
+
+        With ``names`` (one adapter name per sample, ``multi.BASE`` for none) the adapters they use
+        are stacked in registry order into one mixed call; without, the one active adapter runs.
+        Everything is checked here, before any collective, from what every rank sees alike.
+        """
+        if self._disable_adapters:
+            return None
+        if names is None:
+            if not self._active or self.merged:
+                return None
+            if len(self._active) > 1:
+                raise ValueError(f"adapters {self._active} are all active: name one per sample "
+                                 "(tplora_kernels.set_batch_adapters, or adapter_names=), or activate one")
+            opt = self._options[self._active[0]]
+            return dict(lora_a=self.lora_A[self._active[0]].weight, lora_b=self.lora_B[self._active[0]].weight,
+                        scale=opt.scaling, dropout_p=opt.lora_dropout if self.training else 0.0)
+        if self.merged:
+            raise ValueError(f"a mixed batch cannot run on a merged layer (merged: {self.merged_adapters}); unmerge()")
+        names = list(names)
+        batch = x.shape[1] if x.dim() >= 3 else x.shape[0]
+        if len(names) != batch:
+            raise ValueError(f"adapter_names must name one adapter per sample: {batch} samples (x of shape "
+                             f"{tuple(x.shape)}, samples along dim {1 if x.dim() >= 3 else 0}), got {len(names)} names")
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"adapter_names must be a list of str, got {names!r}")
+        # PEFT's rule: a sample whose adapter this layer does not have gets the base layer here
+        # (adapters may target different layers); set_batch_adapters checks the names model-wide.
+        used = [n for n in self._options if n in set(names)]
+        if not used:
+            return None
+        opts = [self._options[n] for n in used]
+        thrs = [dropout_threshold(o.lora_dropout) if self.training else 0 for o in opts]
+        mix = build_mix([used.index(n) if n in used else -1 for n in names], ranks=[o.r for o in opts],
+                        scales=[o.scaling for o in opts], thrs=thrs, device=x.device)
+        return dict(lora_a=torch.cat([self.lora_A[n].weight for n in used], dim=0),
+                    lora_b=torch.cat([self.lora_B[n].weight for n in used], dim=1), scale=1.0, dropout_p=0.0,
+                    mix=mix)
+
+    def _forward(self, x: torch.Tensor, weight: torch.Tensor | None, gather_output: bool,
+                 adapter_names: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         spec, base = self.spec, self.base_layer
         w = spec.weight(base, weight)
         bias = None if spec.skip_bias_add else base.bias
@@ -161,23 +206,20 @@ class _ParallelLoRA(AdapterMixin, nn.Module):
                 else dict(input_is_parallel=spec.input_is_parallel))
         common = dict(bias=bias, sequence_parallel=spec.sequence_parallel, group=spec.group,
                       out_dtype=spec.output_dtype, explicit_comm=spec.explicit_comm, **mode)
-        name = self._active_adapter
-        if self._disable_adapters or self.merged or name is None:
+        lora = self._lora_call(x, adapter_names if adapter_names is not None else self.batch_adapters)
+        if lora is None:
             self.last_backend = "base"
             out = parallel_linear(x, w, kind=spec.kind, **common)
         else:
-            opt = self._options[name]
             call = _column if spec.kind == "column" else _row
-            out, plan = call(x, w, self.lora_A[name].weight, self.lora_B[name].weight, scale=opt.scaling,
-                             dropout_p=opt.lora_dropout if self.training else 0.0, seed=self.seed,
-                             backend=self.backend, **common)
+            out, plan = call(x, w, seed=self.seed, backend=self.backend, **lora, **common)
             self.last_backend = plan.backend.name
         return out, (base.bias if spec.skip_bias_add else None)
 
     def extra_repr(self) -> str:
         return (f"tp_size={self.spec.world}, sequence_parallel={self.spec.sequence_parallel}, "
                 f"stride={self.spec.layout.weight.stride}, adapters={ {n: o.r for n, o in self._options.items()} }, "
-                f"active={self._active_adapter!r}")
+                f"active={self.active_adapter!r}")
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, _ParallelLoRA]]:
@@ -207,6 +249,38 @@ def unwrap_base_layer(target: nn.Module) -> nn.Module:
     while hasattr(target, "base_layer") and isinstance(target.base_layer, nn.Module):
         target = target.base_layer
     return target
+
+
+def set_batch_adapters(model: nn.Module, adapter_names: Sequence[str] | None) -> None:
+    """Name each sample's adapter for the forward passes to come (a mixed batch), or stop (None).
+
+    Every LoRA layer of ``model`` then runs the batch with each sample's own adapter
+    (``"__base__"``: the base layer alone), all of them in one fused call (see ``multi``). The
+    setting stays until changed, so activation recompute in backward sees it too. To train several
+    adapters this way, make them active first (``layer.set_adapter([...])``, or
+    ``peft_model.base_model.set_adapter([...])``) so that their factors get gradients.
+
+    Args:
+        model: a model holding our LoRA modules (a PeftModel too).
+        adapter_names: one name per sample (the batch dim of megatron's ``[s, b, h]``), or None.
+
+    Raises:
+        ValueError: a name no LoRA layer of ``model`` has (checked on every rank alike).
+
+    Example:
+        >>> # set_batch_adapters(gpt, ["math", "code", "math", "__base__"]); loss = gpt(...); ...
+    """
+    mods = lora_modules(model)
+    if adapter_names is not None:
+        adapter_names = list(adapter_names)
+        if not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of str, got {adapter_names!r}")
+        known = {n for _, m in mods for n in m._options}
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in known})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}: the model's LoRA layers have {sorted(known)}")
+    for _, m in mods:
+        m.batch_adapters = adapter_names
 
 
 def _default_dp_cp_group():
@@ -256,19 +330,22 @@ class ColumnParallelLoRA(_ParallelLoRA):
         return self.spec.gather_output
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None,
-                runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                runtime_gather_output: bool | None = None,
+                adapter_names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ColumnParallelLinear.forward``'s contract.
 
         Args:
             x: ``[s, b, K]`` (``[s/t, b, K]`` under SP).
             weight: the weight for a layer that owns none (a tied output layer), else None.
             runtime_gather_output: overrides ``gather_output`` for this call.
+            adapter_names: one adapter name per sample (``"__base__"``: none) for a mixed batch
+                (PEFT's ``adapter_names=``); default ``self.batch_adapters``, else the active adapter.
 
         Returns:
             ``(output, bias)`` exactly as ``ColumnParallelLinear.forward``.
         """
         gather = self.spec.gather_output if runtime_gather_output is None else bool(runtime_gather_output)
-        return self._forward(x, weight, gather and self.spec.world > 1)
+        return self._forward(x, weight, gather and self.spec.world > 1, adapter_names)
 
 
 class RowParallelLoRA(_ParallelLoRA):
@@ -290,13 +367,15 @@ class RowParallelLoRA(_ParallelLoRA):
         """The base layer's ``input_is_parallel`` (True at TP=1)."""
         return self.spec.input_is_parallel
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor,
+                adapter_names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``RowParallelLinear.forward``'s contract.
 
         Args:
             x: ``[s, b, K/t]`` or ``[s, b, K]`` (when the base's input is not parallel).
+            adapter_names: as ``ColumnParallelLoRA.forward``.
 
         Returns:
             ``(output, bias)`` as ``RowParallelLinear``.
         """
-        return self._forward(x, None, False)
+        return self._forward(x, None, False, adapter_names)

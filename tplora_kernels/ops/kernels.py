@@ -1,6 +1,6 @@
 """Triton kernels for LoRA on one tensor-parallel rank (private; see ``ops.launch``).
 
-Five kernels, after LoRAFusion's split (DESIGN §3):
+Five kernels, after LoRAFusion's split (see docs/DESIGN.md):
 
 ==========================  ==========================================  ===================
 kernel                      computes                                    reads once
@@ -47,8 +47,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _keep(seed, o_row, o_col, THR: tl.constexpr):
-    """[BM, BN] keep-mask for global rows ``o_row`` [BM] and columns ``o_col`` [BN] (int64)."""
+def _keep(seed, o_row, o_col, THR):
+    """[BM, BN] keep-mask for global rows ``o_row`` [BM] and columns ``o_col`` [BN] (int64).
+
+    ``THR`` is the constexpr threshold, or one per row (``[BM, 1]`` uint32, see ``_row_thr``)."""
     zero = tl.zeros([o_row.shape[0], o_col.shape[0]], dtype=tl.int64)
     g = o_col[None, :] >> 3
     r = o_row[:, None]
@@ -64,12 +66,13 @@ def _keep(seed, o_row, o_col, THR: tl.constexpr):
 
 
 @triton.jit
-def _keep8(seed, o_row, g0, BLOCK_N: tl.constexpr, THR: tl.constexpr):
+def _keep8(seed, o_row, g0, BLOCK_N: tl.constexpr, THR):
     """[BM, BLOCK_N] keep-mask for rows ``o_row`` and the columns ``8·g0 ..``: the same bits as ``_keep``.
 
     One Philox call per group of 8 columns instead of per element (8x fewer integer ops): the
     four 32-bit words are split into eight 16-bit lanes and interleaved back into column order.
-    Needs the first column to be a multiple of 8 (the launcher checks ``col0 % 8``).
+    Needs the first column to be a multiple of 8 (the launcher checks ``col0 % 8``). ``THR`` as
+    in ``_keep``.
     """
     G: tl.constexpr = BLOCK_N // 8
     zero = tl.zeros([o_row.shape[0], G], dtype=tl.int64)
@@ -81,6 +84,15 @@ def _keep8(seed, o_row, g0, BLOCK_N: tl.constexpr, THR: tl.constexpr):
     words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [o_row.shape[0], G * 4])
     lanes = tl.join(words & 0xFFFF, words >> 16)  # [BM, 4G, 2]: low half first, as in ``_keep``
     return tl.reshape(lanes, [o_row.shape[0], BLOCK_N]) >= THR
+
+
+@triton.jit
+def _thr(p_rthr, o_row, PERIOD, THR: tl.constexpr, ROW_THR: tl.constexpr):
+    """The threshold for global rows ``o_row``: the constexpr ``THR``, or (``ROW_THR``) each row's
+    ``p_rthr[row % PERIOD]`` as ``[BM, 1]`` uint32 (one adapter per sample, each with its own p)."""
+    if ROW_THR:
+        return tl.load(p_rthr + o_row % PERIOD).to(tl.uint32)[:, None]
+    return THR
 
 
 @triton.jit
@@ -112,16 +124,16 @@ def _grouped(pid, n_m, n_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit(do_not_specialize=["T", "RPC", "row0", "col0"])
+@triton.jit(do_not_specialize=["T", "RPC", "row0", "col0", "PERIOD"])
 def _lora_shrink_fwd_kernel(
-    p_x, p_a, p_u, p_seed, p_xo,
+    p_x, p_a, p_u, p_seed, p_xo, p_rthr,
     T, K, R, RPC,
     s_xc, s_xm, s_xk,
     s_ar, s_ak,
     s_uc, s_um, s_ur,
     s_xoc, s_xom, s_xok,
-    row0, col0, inv_keep,
-    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, COPY_X: tl.constexpr,
+    row0, col0, inv_keep, PERIOD,
+    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, ROW_THR: tl.constexpr, COPY_X: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -137,6 +149,7 @@ def _lora_shrink_fwd_kernel(
         o_xom = _rows(o_m, RPC, s_xoc, s_xom)
     if HAS_DROPOUT:
         seed = tl.load(p_seed)
+        thr = _thr(p_rthr, row0 + o_m, PERIOD, THR, ROW_THR)
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -146,9 +159,9 @@ def _lora_shrink_fwd_kernel(
             tl.store(p_xo + o_xom[:, None] + o_k[None, :] * s_xok, b_x, mask=m_m[:, None] & m_k[None, :])
         if HAS_DROPOUT:
             if PACKED:
-                keep = _keep8(seed, row0 + o_m, (col0 + k0) >> 3, BLOCK_K, THR)
+                keep = _keep8(seed, row0 + o_m, (col0 + k0) >> 3, BLOCK_K, thr)
             else:
-                keep = _keep(seed, row0 + o_m, col0 + o_k, THR)
+                keep = _keep(seed, row0 + o_m, col0 + o_k, thr)
             b_x = b_x * keep.to(b_x.dtype)
         b_at = tl.load(p_a + o_r[None, :] * s_ar + o_k[:, None] * s_ak, mask=m_k[:, None] & m_r[None, :],
                        other=0.0)
@@ -281,17 +294,18 @@ def _lora_dy_bwd_kernel(
                  mask=m_m[:, None] & m_r[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "RPC", "row0", "col0"])
+@triton.jit(do_not_specialize=["T", "RPC", "row0", "col0", "PERIOD"])
 def _lora_linear_dx_kernel(
-    p_dy, p_w, p_du, p_a, p_dx, p_seed,
+    p_dy, p_w, p_du, p_a, p_dx, p_seed, p_rthr,
     T, N, K, R, RPC,
     s_dyc, s_dym, s_dyn,
     s_wn, s_wk,
     s_duc, s_dum, s_dur,
     s_ar, s_ak,
     s_dxc, s_dxm, s_dxk,
-    row0, col0, inv_keep,
-    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, INTERP_BF16: tl.constexpr,
+    row0, col0, inv_keep, PERIOD,
+    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, ROW_THR: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -325,10 +339,11 @@ def _lora_linear_dx_kernel(
     if HAS_DROPOUT:
         # The mask is regenerated here, in the epilogue, from the same (seed, row, col).
         seed = tl.load(p_seed)
+        thr = _thr(p_rthr, row0 + o_m, PERIOD, THR, ROW_THR)
         if PACKED:
-            keep = _keep8(seed, row0 + o_m, (col0 + pid_k.to(tl.int64) * BLOCK_K) >> 3, BLOCK_K, THR)
+            keep = _keep8(seed, row0 + o_m, (col0 + pid_k.to(tl.int64) * BLOCK_K) >> 3, BLOCK_K, thr)
         else:
-            keep = _keep(seed, row0 + o_m, col0 + o_k, THR)
+            keep = _keep(seed, row0 + o_m, col0 + o_k, thr)
         lora = lora * (keep.to(tl.float32) * inv_keep)
     acc += lora
     o_dxm = _rows(o_m, RPC, s_dxc, s_dxm)
@@ -336,15 +351,16 @@ def _lora_linear_dx_kernel(
              mask=m_m[:, None] & m_k[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "RPC", "row0", "col0"])
+@triton.jit(do_not_specialize=["T", "RPC", "row0", "col0", "PERIOD"])
 def _lora_shrink_bwd_kernel(
-    p_du, p_x, p_dap, p_seed,
+    p_du, p_x, p_dap, p_seed, p_rthr,
     T, K, R, RPC, ROWS_PER_SPLIT,
     s_duc, s_dum, s_dur,
     s_xc, s_xm, s_xk,
     s_pt, s_pr, s_pk,
-    row0, col0, inv_keep,
-    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, CHUNKED: tl.constexpr,
+    row0, col0, inv_keep, PERIOD,
+    THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, ROW_THR: tl.constexpr,
+    CHUNKED: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -381,10 +397,11 @@ def _lora_shrink_bwd_kernel(
             p_dut += BLOCK_M * s_dum
             p_xt += BLOCK_M * s_xm
         if HAS_DROPOUT:
+            thr = _thr(p_rthr, row0 + o_m, PERIOD, THR, ROW_THR)
             if PACKED:
-                keep = _keep8(seed, row0 + o_m, g0, BLOCK_K, THR)
+                keep = _keep8(seed, row0 + o_m, g0, BLOCK_K, thr)
             else:
-                keep = _keep(seed, row0 + o_m, col0 + o_k, THR)
+                keep = _keep(seed, row0 + o_m, col0 + o_k, thr)
             b_x = b_x * keep.to(b_x.dtype)
         if INTERP_BF16:
             acc = tl.dot(b_dut.to(tl.float32), b_x.to(tl.float32), acc, input_precision=PRECISION)

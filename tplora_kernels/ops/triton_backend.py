@@ -84,8 +84,10 @@ def _row_strides(prefix: str, t: torch.Tensor, rpc: int, col: str) -> dict:
 
 def _dropout(drop, device: torch.device) -> dict:
     seed = drop.seed if drop.active else torch.zeros(1, dtype=torch.int64, device=device)
-    return dict(p_seed=seed, row0=drop.row0, col0=drop.col0, inv_keep=drop.keep_scale, THR=drop.thr,
-                HAS_DROPOUT=drop.active, PACKED=drop.col0 % 8 == 0)
+    row_thr = drop.row_thr is not None and drop.active
+    return dict(p_seed=seed, p_rthr=drop.row_thr if row_thr else seed, row0=drop.row0, col0=drop.col0,
+                inv_keep=drop.keep_scale, PERIOD=drop.row_thr.numel() if row_thr else 1, THR=drop.thr,
+                HAS_DROPOUT=drop.active, PACKED=drop.col0 % 8 == 0, ROW_THR=row_thr)
 
 
 @register_backend
