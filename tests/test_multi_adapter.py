@@ -261,3 +261,50 @@ def test_bad_adapter_names_raise_on_every_rank(dist_pool, case, words):
         assert isinstance(r, RemoteError) and r.type_name in ("ValueError", "TypeError"), \
             f"{case}: rank {rank} did not raise: {r}"
         assert words in r.message, f"{case}: rank {rank}: {r.message}"
+
+
+def peft_adapter_names(ctx):
+    """PEFT's own mixed-batch API, ``model(x, adapter_names=[...])`` (PEFT allows it in eval mode)."""
+    from peft import LoraConfig, get_peft_model
+
+    import tplora_kernels.peft as tpeft
+
+    model = _model(ctx.group, ctx.tp, False)
+    inner = torch.nn.Module()
+    inner.fc1, inner.fc2 = model.fc1.base_layer, model.fc2.base_layer
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = inner.fc1, inner.fc2
+
+        def forward(self, x):
+            h, _ = self.fc1(x)
+            y, _ = self.fc2(torch.nn.functional.gelu(h))
+            return y
+
+    cfg = lambda r, a: tpeft.register(LoraConfig(r=r, lora_alpha=a, init_lora_weights=False,  # noqa: E731
+                                                 target_modules=["fc1", "fc2"]), backend="torch")
+    torch.manual_seed(1)
+    pm = get_peft_model(Net(), cfg(4, 8), adapter_name="math")
+    pm.add_adapter("code", cfg(2, 4))
+    pm.eval()
+    x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(2))
+    names = ["code", "__base__", "math"]
+    with torch.no_grad():
+        mixed = pm(x, adapter_names=names)
+        want = torch.empty_like(mixed)
+        for j, name in enumerate(names):
+            if name == "__base__":
+                with pm.disable_adapter():
+                    want[:, j] = pm(x)[:, j]
+            else:
+                pm.set_adapter(name)
+                want[:, j] = pm(x)[:, j]
+    err = _rel(mixed, want)
+    assert err <= TOL, f"rank {ctx.rank}: PEFT adapter_names= vs one adapter at a time: rel err {err:.2e}"
+    return err
+
+
+def test_peft_adapter_names_drive_the_mixed_batch(dist_pool):
+    dist_pool.run(peft_adapter_names, 2)

@@ -68,6 +68,9 @@ class _PeftLoRAMixin:
         self._caches: dict = {}
         self.ephemeral_gpu_offload = False
         self.cast_input_dtype_enabled = True
+        # PEFT's mixed-batch check (``model(x, adapter_names=[...])``) lists embedding adapters too.
+        self.lora_embedding_A = nn.ModuleDict()
+        self.lora_embedding_B = nn.ModuleDict()
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float | None = None, config: Any = None,
                      **kwargs: Any) -> None:
