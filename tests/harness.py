@@ -7,12 +7,18 @@ ranks once (127.0.0.1, gloo) and creates one TP group per size in ``TP_SIZES`` (
 
 Every wait has a deadline, so a hang fails the test that caused it (and the pool restarts for
 the next one) instead of hanging CI.
+
+Work the pool's daemonic ranks may not do (start processes of their own, like megatron's
+checkpoint writer) runs in a fresh world (``run_standalone``), whose ranks end their own
+children (``end_children``) and are killed with theirs on a timeout: nothing outlives a test.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -154,3 +160,120 @@ class DistPool:
             self.restart()
             raise RankFailed("\n".join(str(e) for e in errors))
         return results
+
+
+def cpu_kernel_backend(kernel_backend: str) -> str:
+    """The backend that runs the Triton kernels on the gloo ranks' CPU tensors.
+
+    ``interpret`` on a CPU machine; on a CUDA machine (no interpreter, and gloo's collectives want
+    CPU tensors) the multi-rank tests fall back to the ``torch`` backend.
+    """
+    return "interpret" if kernel_backend == "interpret" else "torch"
+
+
+def run_example(ctx, path: str, out_dir: str) -> dict:
+    """On a pool rank: import an example file and run its ``main()`` on this rank's TP group."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{abs(hash(path))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main(tp_group=ctx.group, out_dir=out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fresh worlds outside the pool, and the processes they leave
+# ---------------------------------------------------------------------------------------------
+def descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid`` (Linux /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(0), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL each pid that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def end_children(timeout: float = 10.0) -> None:
+    """Stop this process's multiprocessing children; call before ``os._exit``.
+
+    ``os._exit`` skips multiprocessing's exit handler, which would have shut down what libraries
+    started here: megatron's checkpoint writer keeps a ``multiprocessing.Manager`` server for its
+    result queue, which otherwise outlives the rank, re-parented to init.
+    """
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for p in children:
+        p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in children:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+
+
+def _standalone_worker(rank: int, world: int, port: int, fn, out_path: str, kwargs: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=PG_TIMEOUT_S))
+    try:
+        res = fn(rank, **kwargs)
+        if rank == 0:
+            torch.save(res, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        end_children()
+    # Done and saved: leave without interpreter teardown. Megatron's checkpoint writer can leave a
+    # joinable C++ thread behind, whose destructor at exit aborts the process now and then
+    # ("terminate called without an active exception"), after the work has finished.
+    os._exit(0)
+
+
+def run_standalone(fn, world: int, out_path: str, timeout: float = 240.0, **kwargs):
+    """Run ``fn(rank, **kwargs)`` on ``world`` fresh, non-daemonic gloo ranks; return rank 0's result.
+
+    For work the pool's daemonic ranks may not do (start processes of their own). ``fn`` is a
+    module-level function. Every rank, and anything it started, is gone when this returns or raises.
+    """
+    import torch
+
+    port = _free_port()
+    procs = mp.start_processes(_standalone_worker, args=(world, port, fn, out_path, kwargs), nprocs=world,
+                               join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not procs.join(timeout=2):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{fn.__name__} did not finish on {world} ranks within {timeout}s")
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                kill_all([*descendants(p.pid), p.pid])
+            p.join(timeout=5)
+    return torch.load(out_path, weights_only=False)

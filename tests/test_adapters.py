@@ -1,22 +1,197 @@
-"""Merge (item 4) and several named adapters per module (item 5), at TP=2 on gloo."""
+"""Merge (item 4) and several named adapters per module (item 5), at TP=2 on gloo.
+
+One rank run per topic (``merge_task``, ``named_adapters_task``) feeds the several tests below
+through a module-scoped fixture; the rank functions measure, the tests assert per rank.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
+import torch
+import torch.distributed as dist
 
-from . import dispatch_cases as C
+from tplora_kernels.layout import layout_for
 
+from .support.layers import H, K, inputs, lora_pair, split_cols
+from .support.problems import features
+
+
+# ---------------------------------------------------------------------------------------------
+# On the ranks
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def no_collectives():
+    """Make every torch.distributed collective raise, to prove a block is TP-local."""
+    names = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier",
+             "reduce", "gather", "scatter", "send", "recv", "all_to_all_single")
+    saved = {n: getattr(dist, n) for n in names}
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("a collective ran inside a block that must be TP-local")
+
+    try:
+        for n in names:
+            setattr(dist, n, refuse)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(dist, n, f)
+
+
+def _lora_delta_full(m, adapter: str, x_full: torch.Tensor) -> torch.Tensor:
+    """s · (x A_fullᵀ) B_fullᵀ in fp64 on the full input, from gathered factors."""
+    from tplora_kernels import gather_full_factors
+
+    a, b = gather_full_factors(m, adapter)
+    return m.scaling[adapter] * (x_full.double() @ a.double().t()) @ b.double().t()
+
+
+def merge_task(ctx) -> dict:
+    """merge/unmerge/get_delta_weight: TP-local, merged == unmerged forward, unmerge restores."""
+    from tplora_kernels import gather_full_factors
+
+    out = {}
+    col, rw = lora_pair(ctx.group, ctx.tp)
+    x_col = inputs((5, 2, K))
+    x_row = split_cols(inputs((5, 2, H), seed=6), ctx.group)
+    for name, m, x in (("column", col, x_col), ("row", rw, x_row)):
+        m.eval()
+        m.add_adapter("other", 3, lora_alpha=6, init_lora_weights=False)
+        w0 = m.base_layer.weight.detach().clone()
+        with torch.no_grad():
+            y0, _ = m(x)
+        a, b = gather_full_factors(m, "default")
+        full_delta = m.scaling["default"] * (b.double() @ a.double())
+        want = layout_for(m.kind).weight.shard(full_delta, ctx.rank, ctx.tp)
+        with no_collectives():
+            delta = m.get_delta_weight("default")
+            m.merge()
+            merged_flag = m.merged
+            w_merged = m.base_layer.weight.detach().clone()
+        with torch.no_grad():
+            y1, _ = m(x)
+        backend_merged = m.last_backend
+        with no_collectives(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m.merge()  # already merged: skipped with a warning
+            m.unmerge()
+        w1 = m.base_layer.weight.detach().clone()
+        with torch.no_grad():
+            y2, _ = m(x)
+        # Merging a named, non-active adapter.
+        with no_collectives():
+            m.merge(adapter_names=["other"])
+            other_ok = torch.allclose(m.base_layer.weight, w0 + m.get_delta_weight("other"), atol=1e-6)
+            m.unmerge()
+        # safe_merge refuses a broken adapter and leaves the weight alone.
+        with torch.no_grad():
+            m.lora_B["other"].weight[0, 0] = float("nan")
+        try:
+            m.merge(safe_merge=True, adapter_names=["other"])
+            safe = None
+        except ValueError as e:
+            safe = str(e)
+        out[name] = dict(
+            delta_shape=tuple(delta.shape), weight_shape=tuple(w0.shape),
+            delta_err=float((delta.double() - want).abs().max()),
+            merged_weight_err=float((w_merged.double() - (w0.double() + want)).abs().max()),
+            merged=merged_flag, backend_merged=backend_merged,
+            merged_vs_unmerged=float((y1 - y0).abs().max()), y_scale=float(y0.abs().max()),
+            lora_contribution=float((y0 - _base_out(m, x)).abs().max()),
+            restore_err=float((w1 - w0).abs().max()), after_unmerge=float((y2 - y0).abs().max()),
+            double_merge_warned=any("already merged" in str(w.message) for w in caught),
+            other_ok=other_ok, safe_merge=safe, safe_weight_ok=bool(torch.isfinite(m.base_layer.weight).all()),
+        )
+    return out
+
+
+def _base_out(m, x) -> torch.Tensor:
+    from tplora_kernels import parallel_linear
+
+    kw = dict(kind=m.kind, bias=m.base_layer.bias, sequence_parallel=m.sequence_parallel, group=m.tp_group)
+    if m.kind == "row":
+        kw["input_is_parallel"] = True
+    with torch.no_grad():
+        return parallel_linear(x, m.base_layer.weight, **kw)
+
+
+def named_adapters_task(ctx) -> dict:
+    """Several named adapters on one module: add, switch, disable, delete."""
+    out = {}
+    col, rw = lora_pair(ctx.group, ctx.tp, dropout=0.0)
+    x_full = {"column": inputs((5, 2, K)), "row": inputs((5, 2, H), seed=6)}
+    for name, m in (("column", col), ("row", rw)):
+        xf = x_full[name]
+        x = xf if name == "column" else split_cols(xf, ctx.group)
+        base = _base_out(m, x)
+        m.add_adapter("b", 2, lora_alpha=6, init_lora_weights=False)
+        res: dict = {"adapters": sorted(m.lora_A), "active": m.active_adapter}
+        res["b_frozen"] = not m.lora_A["b"].weight.requires_grad and not m.lora_B["b"].weight.requires_grad
+        try:
+            m.add_adapter("b", 2)
+            res["dup"] = None
+        except ValueError as e:
+            res["dup"] = str(e)
+
+        def err(active: str, y: torch.Tensor, m=m, xf=xf, base=base) -> float:
+            delta = _lora_delta_full(m, active, xf)
+            delta = features(layout_for(m.kind).y).shard(delta, ctx.rank, ctx.tp)
+            return float((y.double() - (base.double() + delta)).abs().max())
+
+        y, _ = m(x)
+        res["default_err"] = err("default", y)
+        m.set_adapter("b")
+        y, _ = m(x)
+        res["b_err"] = err("b", y)
+        res["grads_follow_active"] = (m.lora_A["b"].weight.requires_grad, m.lora_A["default"].weight.requires_grad)
+        for bad in (["default", "b"], "nope"):
+            try:
+                m.set_adapter(bad)
+                res[f"bad_{bad}"] = None
+            except ValueError as e:
+                res[f"bad_{bad}"] = str(e)
+        m.enable_adapters(False)
+        y, _ = m(x)
+        res["disabled_err"] = float((y - base).abs().max())
+        res["disabled_flag"] = m.disable_adapters
+        res["disabled_frozen"] = not any(p.requires_grad for p in m.parameters())
+        m.enable_adapters(True)
+        y, _ = m(x)
+        res["reenabled_err"] = err("b", y)
+        res["reenabled_trainable"] = m.lora_A["b"].weight.requires_grad
+        m.delete_adapter("b")
+        res["after_delete"] = (sorted(m.lora_A), m.active_adapter, sorted(m.r))
+        y, _ = m(x)
+        res["after_delete_err"] = err("default", y)
+        try:
+            m.delete_adapter("b")
+            res["delete_unknown"] = None
+        except ValueError as e:
+            res["delete_unknown"] = str(e)
+        m.delete_adapter("default")
+        y, _ = m(x)
+        res["none_left"] = (m.active_adapter, float((y - base).abs().max()))
+        out[name] = res
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# In the test process
+# ---------------------------------------------------------------------------------------------
 KINDS = ("column", "row")
 
 
 @pytest.fixture(scope="module")
 def merge_results(dist_pool):
-    return dist_pool.run(C.merge_task, 2)
+    return dist_pool.run(merge_task, 2)
 
 
 @pytest.fixture(scope="module")
 def adapter_results(dist_pool):
-    return dist_pool.run(C.named_adapters_task, 2)
+    return dist_pool.run(named_adapters_task, 2)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -12,8 +12,15 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
-from tests import tp_cases as C
+from tplora_kernels.distributed import sum_sequence_parallel_grads
+from tplora_kernels.functional import column_parallel_lora, row_parallel_lora
+from tplora_kernels.mappings import base_parallel_linear
+from tplora_kernels.reference import column_parallel_lora_reference, row_parallel_lora_reference
+
+from .harness import cpu_kernel_backend
+from .support.problems import Shapes, full_problem, shard
 
 # (kind, sequence_parallel, gather_output / input_is_parallel)
 MODES = [
@@ -36,6 +43,7 @@ def reference_extra(kind: str, sp: bool, opt: bool) -> tuple[int, int]:
         return fwd, fwd + 1
     return 1, 1 + int(sp) + int(not opt)
 
+
 def _mode_id(m) -> str:
     kind, sp, opt = m
     return f"{kind}-sp_{'on' if sp else 'off'}-{'gather_output' if kind == 'column' else 'input_is_parallel'}_{opt}"
@@ -49,13 +57,100 @@ def _total(c: dict) -> int:
     return sum(c.values())
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-@pytest.mark.parametrize("mode", MODES, ids=[_mode_id(m) for m in MODES])
-def test_fused_runs_only_the_base_collectives(dist_pool, kernel_backend, mode, tp):
+# ---------------------------------------------------------------------------------------------
+# On the ranks
+# ---------------------------------------------------------------------------------------------
+def count_c10d(fn) -> dict[str, int]:
+    """Run ``fn()`` under torch.profiler; count events whose name starts with ``c10d::``, by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: dict[str, int] = {}
+    for e in prof.events():
+        if e.name.startswith("c10d::"):
+            counts[e.name] = counts.get(e.name, 0) + 1
+    return counts
+
+
+def collectives_task(ctx, *, kind: str, sp: bool, opt: bool, backend: str, x_grad: bool = True) -> dict:
+    """Collective counts of the base layer alone, the fused path and the unfused reference.
+
+    Returns:
+        ``{impl: {"fwd": {name: n}, "fwdbwd": {name: n}}}`` for impl in base, fused, reference;
+        ``fwd`` is a no-grad forward, ``fwdbwd`` a forward plus backward with grads on x (if
+        ``x_grad``) and on the LoRA factors (the base weight is frozen).
+    """
+    loc = shard(kind, full_problem(7, Shapes(S=8, Bt=2, K=16, N=12, r=3)), ctx.rank, ctx.tp, sp, opt)
+    W = loc["W"].float()
+    bias = loc["bias"].float()
+    mode = dict(sequence_parallel=sp, group=ctx.group)
+    mode["gather_output" if kind == "column" else "input_is_parallel"] = opt
+
+    def call(impl, x, a, b):
+        if impl == "base":
+            return base_parallel_linear(x, W, kind=kind, bias=bias, **mode)
+        if impl == "fused":
+            fn = column_parallel_lora if kind == "column" else row_parallel_lora
+            return fn(x, W, a, b, bias=bias, scale=0.5, dropout_p=0.25, seed=11, backend=backend, **mode)
+        fn = column_parallel_lora_reference if kind == "column" else row_parallel_lora_reference
+        return fn(x, W, a, b, bias=bias, scale=0.5, dropout_p=0.25, seed=11, **mode)
+
+    out = {}
+    for impl in ("base", "fused", "reference"):
+        def fwd(impl=impl):
+            with torch.no_grad():
+                call(impl, loc["x"].float(), loc["A"].float(), loc["B"].float())
+
+        def fwdbwd(impl=impl):
+            x = loc["x"].float().requires_grad_(x_grad)
+            a = loc["A"].float().requires_grad_()
+            b = loc["B"].float().requires_grad_()
+            y = call(impl, x, a, b)
+            y.backward(loc["dy"].float())
+
+        # The frozen base alone has nothing to differentiate without x's grad: backward-free.
+        both = fwd if impl == "base" and not x_grad else fwdbwd
+        out[impl] = {"fwd": count_c10d(fwd), "fwdbwd": count_c10d(both)}
+    return out
+
+
+def sp_grad_sum_task(ctx, *, sp: bool) -> None:
+    """``sum_sequence_parallel_grads`` on two fp32 params (marked under SP) and one unmarked one.
+
+    Asserts on this rank: one all-reduce exactly when something is marked at TP > 1, the marked
+    grads only are summed, and they hold the sum over ranks while the unmarked one is untouched.
+    """
+    params = [torch.nn.Parameter(torch.zeros(3, 5)), torch.nn.Parameter(torch.zeros(4)),
+              torch.nn.Parameter(torch.zeros(2, 2))]
+    for i, prm in enumerate(params):
+        prm.grad = torch.full_like(prm, float(ctx.rank + 1 + 10 * i))
+    if sp:
+        params[0].sequence_parallel = True
+        params[1].sequence_parallel = True
+    summed = []
+    counts = count_c10d(lambda: summed.append(sum_sequence_parallel_grads(params, ctx.group)))
+    at = f"rank {ctx.rank} tp={ctx.tp} sp={sp}"
+    want = 1 if sp and ctx.tp > 1 else 0
+    assert _total(counts) == want, f"{at}: {_fmt(counts)}, expected {want} all-reduce"
+    assert summed[0] == (2 if sp else 0), f"{at}: summed {summed[0]} grads, expected the marked ones only"
+    for i, prm in enumerate(params):
+        marked = sp and i < 2
+        expect = sum(r + 10 * i for r in range(1, ctx.tp + 1)) if marked else ctx.rank + 1 + 10 * i
+        got = prm.grad.unique().tolist()
+        assert got == [expect], (f"{at}: param {i} ({'marked' if marked else 'unmarked'}) grad {got}, expected "
+                                 f"{'the sum over ranks' if marked else 'its own'} {expect}")
+
+
+# ---------------------------------------------------------------------------------------------
+# In the test process
+# ---------------------------------------------------------------------------------------------
+
+def check_only_base_collectives(dist_pool, mode, tp: int, backend: str) -> None:
+    """Every rank runs the same collectives; the fused path exactly the base's; the reference its extra ones."""
     kind, sp, opt = mode
-    backend = C.cpu_kernel_backend(kernel_backend)
-    results = dist_pool.run(C.collectives_task, tp, kind=kind, sp=sp, opt=opt, backend=backend)
-    where = f"{_mode_id(mode)} tp={tp}"
+    results = dist_pool.run(collectives_task, tp, kind=kind, sp=sp, opt=opt, backend=backend)
+    where = f"{_mode_id(mode)} tp={tp} backend={backend}"
     for rank, res in enumerate(results[1:], start=1):
         assert res == results[0], f"{where}: rank {rank} ran other collectives than rank 0: {res} vs {results[0]}"
     res = results[0]
@@ -74,6 +169,20 @@ def test_fused_runs_only_the_base_collectives(dist_pool, kernel_backend, mode, t
     assert _total(res["base"]["fwdbwd"]) >= 1, f"{where}: the profiler saw no base collective at all [{report}]"
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("mode", MODES, ids=[_mode_id(m) for m in MODES])
+def test_fused_runs_only_the_base_collectives(dist_pool, kernel_backend, mode, tp):
+    check_only_base_collectives(dist_pool, mode, tp, cpu_kernel_backend(kernel_backend))
+
+
+@pytest.mark.parametrize("mode", MODES, ids=[_mode_id(m) for m in MODES])
+def test_cublas_runs_only_the_base_collectives(dist_pool, kernel_backend, mode):
+    """The cublas backend's GEMMs write into the same collective buffers: still no collective of its own."""
+    if kernel_backend != "interpret":
+        pytest.skip("the gloo ranks hold CPU tensors; cublas runs on them only under the interpreter")
+    check_only_base_collectives(dist_pool, mode, 2, "cublas")
+
+
 @pytest.mark.parametrize("mode", [("column", False, False), ("column", True, False), ("row", False, True),
                                   ("row", True, True)], ids=_mode_id)
 def test_input_without_grad(dist_pool, kernel_backend, mode):
@@ -84,8 +193,8 @@ def test_input_without_grad(dist_pool, kernel_backend, mode):
     without SP needs none. The reference pays at least as much.
     """
     kind, sp, opt = mode
-    backend = C.cpu_kernel_backend(kernel_backend)
-    res = dist_pool.run(C.collectives_task, 2, kind=kind, sp=sp, opt=opt, backend=backend, x_grad=False)[0]
+    backend = cpu_kernel_backend(kernel_backend)
+    res = dist_pool.run(collectives_task, 2, kind=kind, sp=sp, opt=opt, backend=backend, x_grad=False)[0]
     where = f"{_mode_id(mode)} tp=2 x.requires_grad=False"
     base, fused, ref = (_total(res[i]["fwdbwd"]) for i in ("base", "fused", "reference"))
     want = base + (1 if kind == "column" or sp else 0)
@@ -97,9 +206,4 @@ def test_input_without_grad(dist_pool, kernel_backend, mode):
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("sp", [False, True], ids=["sp_off", "sp_on"])
 def test_sequence_parallel_grad_sum_is_one_all_reduce(dist_pool, sp, tp):
-    res = dist_pool.run(C.sp_grad_sum_task, tp, sp=sp)
-    want = 1 if sp and tp > 1 else 0
-    for rank, (counts, summed, grads_ok) in enumerate(res):
-        assert _total(counts) == want, f"rank {rank} tp={tp} sp={sp}: {_fmt(counts)}, expected {want} all-reduce"
-        assert summed == (2 if sp else 0), f"rank {rank} tp={tp} sp={sp}: summed {summed} grads, expected marked only"
-        assert grads_ok, f"rank {rank} tp={tp} sp={sp}: marked grads are not the sum over ranks (or unmarked changed)"
+    dist_pool.run(sp_grad_sum_task, tp, sp=sp)

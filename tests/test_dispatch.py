@@ -1,42 +1,87 @@
-"""dispatch_megatron: PEFT's dispatcher contract for megatron-core parallel linears (issue 3, item 1)."""
+"""dispatch_megatron: PEFT's dispatcher contract for megatron-core parallel linears (issue 3, item 1).
+
+Every rank function asserts on its rank (both ranks of a TP=2 group must build the same modules).
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
+import torch
+from torch import nn
 
 from tplora_kernels import LoRAConfig
 from tplora_kernels.dispatch import check_config, layer_options, pattern_value
 
-from . import dispatch_cases as C
+from .support.checks import assert_raises
+from .support.layers import H, K, ToyMLP, column, row
 
 
-def test_dispatch_returns_fused_modules_for_megatron_layers_only(dist_pool):
+# ---------------------------------------------------------------------------------------------
+# On the ranks
+# ---------------------------------------------------------------------------------------------
+def _subclasses():
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    class SubColumn(ColumnParallelLinear):
+        pass
+
+    class SubRow(RowParallelLinear):
+        pass
+
+    return SubColumn, SubRow
+
+
+def dispatch_kinds_task(ctx) -> None:
     """Column/Row (and subclasses) map to our modules, a LoRA layer is unwrapped, others get None."""
-    res = dist_pool.run(C.dispatch_kinds, 2)[1]
-    want = {
-        "ours": ("ColumnParallelLoRA", "RowParallelLoRA"),
-        "peft": ("PeftColumnParallelLoRA", "PeftRowParallelLoRA"),
-    }
-    for cfg, (col, row) in want.items():
-        assert res[(cfg, "column")] == (col, True), f"{cfg} config, ColumnParallelLinear: {res[(cfg, 'column')]}"
-        assert res[(cfg, "row")] == (row, True), f"{cfg} config, RowParallelLinear: {res[(cfg, 'row')]}"
-        assert res[(cfg, "sub_column")] == (col, True), f"{cfg} config, subclass of ColumnParallelLinear"
-        assert res[(cfg, "sub_row")] == (row, True), f"{cfg} config, subclass of RowParallelLinear"
-        assert res[(cfg, "linear")] is None, f"{cfg} config: nn.Linear must be left to other dispatchers"
-        assert res[(cfg, "sequential")] is None, f"{cfg} config: a container is not a target"
-        assert res[(cfg, "wrapped")] == (col, True, ["second"]), (
-            f"{cfg} config: a LoRA layer as target must be unwrapped to its Megatron base, got {res[(cfg, 'wrapped')]}")
+    from peft import LoraConfig
+
+    from tplora_kernels import dispatch_megatron
+
+    sub_col, sub_row = _subclasses()
+    want = {"ours": ("ColumnParallelLoRA", "RowParallelLoRA"),
+            "peft": ("PeftColumnParallelLoRA", "PeftRowParallelLoRA")}
+    for cfg_name, cfg in (("ours", LoRAConfig(r=2, lora_alpha=4)), ("peft", LoraConfig(r=2, lora_alpha=4))):
+        col, rw = want[cfg_name]
+        targets = {
+            "ColumnParallelLinear": (column(ctx.group, ctx.tp, K, H), col),
+            "RowParallelLinear": (row(ctx.group, ctx.tp, H, K), rw),
+            "a subclass of ColumnParallelLinear": (column(ctx.group, ctx.tp, K, H, cls=sub_col), col),
+            "a subclass of RowParallelLinear": (row(ctx.group, ctx.tp, H, K, cls=sub_row), rw),
+            "nn.Linear (left to other dispatchers)": (nn.Linear(K, H), None),
+            "a container (not a target)": (nn.Sequential(nn.Linear(K, H)), None),
+        }
+        for name, (target, want_type) in targets.items():
+            # PEFT's call style (config=) for the PEFT config, positional for ours.
+            new = (dispatch_megatron(target, "default", config=cfg) if cfg_name == "peft"
+                   else dispatch_megatron(target, "default", cfg))
+            got = None if new is None else (type(new).__name__, new.base_layer is target)
+            expected = None if want_type is None else (want_type, True)
+            assert got == expected, f"rank {ctx.rank} {cfg_name} config, {name}: got {got}, expected {expected}"
+        # A target that is already a LoRA layer: its base layer is unwrapped.
+        base = column(ctx.group, ctx.tp, K, H)
+        again = dispatch_megatron(dispatch_megatron(base, "first", cfg), "second", cfg)
+        got = (type(again).__name__, again.base_layer is base, sorted(again.lora_A))
+        assert got == (col, True, ["second"]), (
+            f"rank {ctx.rank} {cfg_name} config: a LoRA layer as target must be unwrapped to its Megatron base, "
+            f"got {got}")
 
 
-@pytest.mark.parametrize("which", ["ours", "peft"])
-def test_dispatch_honours_lora_options(dist_pool, which):
-    """r, alpha, dropout, rsLoRA, the three inits and rank/alpha patterns by module name."""
-    res = dist_pool.run(C.dispatch_options, 2, which=which)[1]
-    # rank_pattern {"fc1": 2, r"layers\.1\..*": 6}, alpha_pattern {"fc2": 3}, defaults r=4 alpha=12
-    want = {
+def dispatch_options_task(ctx, which: str) -> None:
+    """r, alpha, dropout, rsLoRA, init and the patterns as the built modules see them."""
+    from peft import LoraConfig
+
+    from tplora_kernels import dispatch_megatron
+    from tplora_kernels.modules import init_full_factors
+
+    at = f"rank {ctx.rank} {which}"
+    make = LoraConfig if which == "peft" else LoRAConfig
+    cfg = make(r=4, lora_alpha=12, lora_dropout=0.25, use_rslora=False, init_lora_weights=True,
+               rank_pattern={"fc1": 2, r"layers\.1\..*": 6}, alpha_pattern={"fc2": 3})
+    want = {  # (r, alpha, scaling, dropout); defaults r=4 alpha=12
         "layers.0.fc1": (2, 12.0, 6.0, 0.25),
         "layers.0.fc10": (4, 12.0, 3.0, 0.25),  # a suffix is not a match
         "layers.1.fc2": (6, 3.0, 0.5, 0.25),
@@ -44,25 +89,95 @@ def test_dispatch_honours_lora_options(dist_pool, which):
         None: (4, 12.0, 3.0, 0.25),  # no name: no pattern applies
     }
     for name, expected in want.items():
-        assert res[("pattern", name)] == expected, f"{which}: (r, alpha, scaling, dropout) for {name!r}"
-    assert res["explicit"] == (5, 10.0, 2.0), f"{which}: explicit r/lora_alpha must win over the patterns"
-    assert res["rslora"] == pytest.approx(8 / math.sqrt(4)), f"{which}: use_rslora scales by alpha/sqrt(r)"
+        m = dispatch_megatron(column(ctx.group, ctx.tp, K, H), "default", cfg, target_name=name)
+        got = (m.r["default"], m.lora_alpha["default"], m.scaling["default"], m.lora_dropout["default"])
+        assert got == expected, f"{at}: (r, alpha, scaling, dropout) for {name!r}: {got}, expected {expected}"
+    # Resolved values that PEFT passes explicitly win over the patterns.
+    m = dispatch_megatron(column(ctx.group, ctx.tp, K, H), "default", cfg, target_name="layers.0.fc1", r=5,
+                          lora_alpha=10)
+    got = (m.r["default"], m.lora_alpha["default"], m.scaling["default"])
+    assert got == (5, 10.0, 2.0), f"{at}: explicit r/lora_alpha must win over the patterns, got {got}"
+    m = dispatch_megatron(column(ctx.group, ctx.tp, K, H), "default", make(r=4, lora_alpha=8, use_rslora=True))
+    assert m.scaling["default"] == pytest.approx(8 / math.sqrt(4)), (
+        f"{at}: use_rslora scales by alpha/sqrt(r), got {m.scaling['default']}")
+    # init: the module's factors are the TP shards of init_full_factors under the same seed.
     for kind in ("column", "row"):
         for init in (True, False, "gaussian"):
-            same_a, same_b, b_abs, _a_std = res[("init", init, kind)]
-            assert same_a and same_b, f"{which} {kind} init={init!r}: factors are not the TP slices of the full init"
-            assert (b_abs == 0) == (init is not False), f"{which} {kind} init={init!r}: B zero iff init is not False"
-        gauss_std = res[("init", "gaussian", kind)][3]
-        assert abs(gauss_std - 1 / 4) < 0.05, f"{which} {kind}: gaussian A std {gauss_std} != 1/r"
+            target = column(ctx.group, ctx.tp, K, H) if kind == "column" else row(ctx.group, ctx.tp, H, K)
+            torch.manual_seed(77)
+            m = dispatch_megatron(target, "default", make(r=4, lora_alpha=8, init_lora_weights=init))
+            torch.manual_seed(77)
+            a, b = init_full_factors(4, m.in_features, m.out_features, init)
+            a_i, b_i = m.spec.layout.shard_factors(a, b, m.tp_rank, m.tp_size)
+            same = (torch.equal(m.lora_A["default"].weight, a_i), torch.equal(m.lora_B["default"].weight, b_i))
+            assert all(same), f"{at} {kind} init={init!r}: (A, B) equal to the shards of the full init: {same}"
+            b_abs = float(b.abs().sum())
+            assert (b_abs == 0) == (init is not False), f"{at} {kind} init={init!r}: B zero iff init is not False"
+            if init == "gaussian":
+                assert abs(float(a.std()) - 1 / 4) < 0.05, f"{at} {kind}: gaussian A std {float(a.std())} != 1/r"
+
+
+def dispatch_errors_task(ctx) -> None:
+    """dispatch_megatron refuses options it cannot honour, by name, and leaves the target alone."""
+    from peft import LoraConfig
+
+    from tplora_kernels import dispatch_megatron
+
+    cases = {
+        "use_dora": dict(use_dora=True),
+        "lora_bias": dict(lora_bias=True),
+        "init_lora_weights": dict(init_lora_weights="pissa"),
+        "bias": dict(bias="all"),
+        "fan_in_fan_out": dict(fan_in_fan_out=True),
+    }
+    target = column(ctx.group, ctx.tp, K, H)
+    for option, kw in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = LoraConfig(r=2, **kw)
+        assert_raises(f"rank {ctx.rank}: dispatch_megatron with {option}", ValueError, [option], dispatch_megatron,
+                      target, "default", cfg)
+    assert_raises(f"rank {ctx.rank}: dispatch_megatron without a config", TypeError, ["lora_config"],
+                  dispatch_megatron, target, "default", None)
+    assert all(p.requires_grad for p in target.parameters()), "a refused dispatch must not freeze or change the target"
+
+
+def apply_lora_task(ctx) -> None:
+    """apply_lora on a bare Megatron model: targets, a second adapter, and errors."""
+    from tplora_kernels import apply_lora
+
+    at = f"rank {ctx.rank}"
+    model = ToyMLP(ctx.group, ctx.tp)
+    model.head = nn.Linear(K, 2)
+    names = apply_lora(model, LoRAConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2", "head"], backend="torch"))
+    assert names == ["fc1", "fc2"], f"{at}: targets adapted: {names} (nn.Linear 'head' must be skipped)"
+    types = [type(model.fc1).__name__, type(model.fc2).__name__, type(model.head).__name__]
+    assert types == ["ColumnParallelLoRA", "RowParallelLoRA", "Linear"], f"{at}: {types}"
+    again = apply_lora(model, LoRAConfig(r=2, lora_alpha=2, target_modules=["fc1"]), adapter_name="b")
+    assert again == ["fc1"] and sorted(model.fc1.lora_A) == ["b", "default"], (
+        f"{at}: a second apply_lora adds an adapter: {again}, {sorted(model.fc1.lora_A)}")
+    assert model.fc1.active_adapter == "default", f"{at}: adding an adapter changed the active one"
+    assert_raises(f"{at}: apply_lora matching nothing", ValueError, ["matched no"], apply_lora, model,
+                  LoRAConfig(target_modules=["nothing"]))
+    assert_raises(f"{at}: apply_lora with an existing adapter name", ValueError, ["already exists"], apply_lora,
+                  model, LoRAConfig(target_modules=["fc1"]), adapter_name="b")
+
+
+# ---------------------------------------------------------------------------------------------
+# In the test process
+# ---------------------------------------------------------------------------------------------
+def test_dispatch_returns_fused_modules_for_megatron_layers_only(dist_pool):
+    dist_pool.run(dispatch_kinds_task, 2)
+
+
+@pytest.mark.parametrize("which", ["ours", "peft"])
+def test_dispatch_honours_lora_options(dist_pool, which):
+    """r, alpha, dropout, rsLoRA, the three inits and rank/alpha patterns by module name."""
+    dist_pool.run(dispatch_options_task, 2, which=which)
 
 
 def test_dispatch_rejects_unsupported_options_by_name(dist_pool):
-    res = dist_pool.run(C.dispatch_errors, 1)[0]
-    for option in ("use_dora", "lora_bias", "init_lora_weights", "bias", "fan_in_fan_out"):
-        assert res[option] is not None, f"{option}: dispatch_megatron accepted an unsupported option"
-        assert option in res[option], f"{option}: the error must name the option, got {res[option]!r}"
-    assert res["none"] is not None and "lora_config" in res["none"], f"missing config: {res['none']!r}"
-    assert res["untouched"], "a refused dispatch must not freeze or change the target"
+    dist_pool.run(dispatch_errors_task, 1)
 
 
 def test_config_checks_without_a_model():
@@ -72,9 +187,9 @@ def test_config_checks_without_a_model():
         check_config(LoRAConfig(init_lora_weights="olora"))
     with pytest.raises(TypeError, match="lora_config"):
         check_config(object())
-    assert layer_options(LoRAConfig(r=3, lora_alpha=6))["r"] == 3
-    assert pattern_value({"a.b": 1}, "x.a.b", 0) == 1
-    assert pattern_value({"a.b": 1}, "xa.b", 0) == 0
+    assert layer_options(LoRAConfig(r=3, lora_alpha=6))["r"] == 3, "layer_options lost r"
+    assert pattern_value({"a.b": 1}, "x.a.b", 0) == 1, "a dotted suffix must match a pattern"
+    assert pattern_value({"a.b": 1}, "xa.b", 0) == 0, "a partial name must not match a pattern"
 
 
 def test_register_rejects_unsupported_options_before_touching_a_model():
@@ -87,14 +202,9 @@ def test_register_rejects_unsupported_options_before_touching_a_model():
     with pytest.raises(TypeError, match="LoraConfig"):
         tpeft.register(LoRAConfig())
     cfg = tpeft.register(LoraConfig(r=2))
-    assert {t.__name__ for t in cfg._custom_modules} == {"ColumnParallelLinear", "RowParallelLinear"}
+    names = {t.__name__ for t in cfg._custom_modules}
+    assert names == {"ColumnParallelLinear", "RowParallelLinear"}, f"registered custom modules: {names}"
 
 
 def test_apply_lora_adapts_a_bare_megatron_model(dist_pool):
-    res = dist_pool.run(C.apply_lora_task, 2)[0]
-    assert res["names"] == ["fc1", "fc2"], f"targets adapted: {res['names']} (nn.Linear 'head' must be skipped)"
-    assert res["types"] == ["ColumnParallelLoRA", "RowParallelLoRA", "Linear"], res["types"]
-    assert res["again"] == ["fc1"] and res["fc1_adapters"] == ["b", "default"], "second apply_lora adds an adapter"
-    assert res["fc1_active"] == "default", "adding an adapter must not change the active one"
-    assert res["no_match"] and "matched no" in res["no_match"], res["no_match"]
-    assert res["duplicate"] and "already exists" in res["duplicate"], res["duplicate"]
+    dist_pool.run(apply_lora_task, 2)

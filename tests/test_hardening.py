@@ -1,23 +1,288 @@
-"""Failure modes made boring: rank-symmetric validation, odd inputs, determinism, big tensors."""
+"""Failure modes made boring: rank-symmetric validation, odd inputs, determinism, big tensors.
+
+Per-rank checks run on the ranks; that every rank raised the same error is checked here.
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 
+from tplora_kernels import column_parallel_lora, row_parallel_lora
 from tplora_kernels import mask as M
-from tplora_kernels.ops import triton_backend as TB
 from tplora_kernels.ops import lora_linear_fwd, lora_shrink_fwd
+from tplora_kernels.ops import triton_backend as TB
+from tplora_kernels.reference import column_parallel_lora_reference, row_parallel_lora_reference
 
-from . import hardening_cases as C
 from .harness import RemoteError
+from .support.layers import column
+from .support.problems import weights
 
 TP = 2
 NO_HANG_S = 90  # the pool restarts and the test fails if any rank is still busy after this
+GRADS = ("y", "dx", "dA", "dB")
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Validation before any collective: every rank raises the same clear error, none hangs.
+# On the ranks
+# ---------------------------------------------------------------------------------------------
+def _call(kind, x, p, *, fused=True, sp=False, opt=False, group=None, backend="torch", seed=7, scale=0.5):
+    mode = {"gather_output": opt} if kind == "column" else {"input_is_parallel": opt}
+    fn = {("column", True): column_parallel_lora, ("row", True): row_parallel_lora,
+          ("column", False): column_parallel_lora_reference, ("row", False): row_parallel_lora_reference}[kind, fused]
+    extra = {"backend": backend} if fused else {}
+    return fn(x, p["weight"], p["lora_a"], p["lora_b"], bias=p["bias"], scale=scale, dropout_p=0.25, seed=seed,
+              sequence_parallel=sp, group=group, **mode, **extra)
+
+
+def _trainable(p: dict) -> dict:
+    """Fresh copies of ``weights``' tensors; the LoRA factors require grad."""
+    return {n: v.detach().clone().requires_grad_(n.startswith("lora")) for n, v in p.items()}
+
+
+def bad_call(ctx, case: str, kind: str = "column"):
+    """Make one invalid call; every rank must raise before any collective."""
+    t, rank = ctx.tp, ctx.rank
+    K, N, r = 16, 8, 4
+    p = weights(kind, rank, t, K, N, r)
+    k_in = K if kind == "column" else K // t
+    x = torch.randn(4, 2, k_in)
+    kw = {"group": ctx.group, "backend": "torch"}
+    fn = column_parallel_lora if kind == "column" else row_parallel_lora
+    args = dict(bias=p["bias"], scale=0.5, dropout_p=0.1, seed=3, sequence_parallel=True)
+    if case == "hidden":
+        x = torch.randn(4, 2, k_in + 1)
+    elif case == "seq_not_divisible":
+        x = torch.randn(3, 2, k_in)
+    elif case == "int_dtype":
+        x = torch.ones(4, 2, k_in, dtype=torch.int32)
+    elif case == "dtype_mismatch":
+        x = x.half()
+    elif case == "device":
+        x = torch.empty(4, 2, k_in, device="meta")
+    elif case == "rank_zero":
+        p["lora_a"], p["lora_b"] = p["lora_a"][:0], p["lora_b"][:, :0]
+    elif case == "dropout":
+        args["dropout_p"] = 1.0
+    elif case == "scale":
+        args["scale"] = float("nan")
+    elif case == "frozen":
+        p["weight"].requires_grad_(True)
+    else:
+        raise AssertionError(f"unknown case {case}")
+    fn(x, p["weight"], p["lora_a"], p["lora_b"], **args, **kw)
+    return "no error"
+
+
+def bad_module(ctx, case: str):
+    """Module-level misuse: every rank must raise the same, before any collective."""
+    from tplora_kernels import ColumnParallelLoRA
+
+    base = column(ctx.group, ctx.tp, 16, 8, seed=None)
+    if case == "not_megatron":
+        ColumnParallelLoRA(torch.nn.Linear(16, 8), r=4)
+    elif case == "disable_grad_reduce":
+        base.disable_grad_reduce = True
+        ColumnParallelLoRA(base, r=4)
+    elif case == "gtp_remat_size":
+        base.gtp_remat_size = 2
+        ColumnParallelLoRA(base, r=4)
+    elif case == "r_zero":
+        ColumnParallelLoRA(base, r=0)
+    elif case == "dropout":
+        ColumnParallelLoRA(base, r=4, lora_dropout=1.5)
+    elif case == "alpha":
+        ColumnParallelLoRA(base, r=4, lora_alpha=float("inf"))
+    elif case == "adapter":
+        ColumnParallelLoRA(base, r=4).set_adapter("nope")
+    else:
+        raise AssertionError(f"unknown case {case}")
+    return "no error"
+
+
+def merge_misuse(ctx, case: str) -> None:
+    """Merging twice, or unmerging what is not merged: a warning, and the base weight intact."""
+    from tplora_kernels import ColumnParallelLoRA
+
+    base = column(ctx.group, ctx.tp, 16, 8, seed=None)
+    layer = ColumnParallelLoRA(base, r=4, init_lora_weights=False)
+    before = base.weight.detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if case == "merge_twice":
+            layer.merge()
+            merged = base.weight.detach().clone()
+            layer.merge()
+            ok = torch.equal(base.weight, merged) and not torch.equal(merged, before)
+        else:
+            layer.unmerge()
+            ok = torch.equal(base.weight, before)
+    assert caught, f"{case} rank {ctx.rank}: no warning"
+    assert ok, f"{case} rank {ctx.rank}: base weight changed (corrupted)"
+
+
+def odd_inputs(ctx, kind: str, case: str, backend: str) -> None:
+    """Fused vs the unfused reference (same mask) on odd but valid inputs: same values, same NaN/Inf."""
+    t, rank = ctx.tp, ctx.rank
+    K, N, r, S, Bt = {"odd": (60, 36, 5, 6, 3), "r1": (16, 8, 1, 4, 2), "r128": (32, 16, 128, 4, 2)}.get(
+        case, (16, 8, 4, 4, 2))
+    p = weights(kind, rank, t, K, N, r)
+    k_in = K if kind == "column" else K // t
+    g = torch.Generator().manual_seed(11)
+    if case == "noncontig":
+        # Every other column of a NaN-filled buffer: a kernel that ignores strides reads NaN.
+        buf = torch.full((S, Bt, 2 * k_in), float("nan"))
+        buf[..., ::2] = torch.randn(S, Bt, k_in, generator=g)
+        x = buf[..., ::2]
+    elif case == "transposed":
+        buf = torch.full((k_in, 2 * S * Bt), float("nan"))
+        buf[:, ::2] = torch.randn(k_in, S * Bt, generator=g)
+        x = buf[:, ::2].t()  # [T, K] with strides (2, 2T)
+    else:
+        x = torch.randn(S, Bt, k_in, generator=g)
+    if case == "nan":
+        x[1, 0, 3] = float("nan")
+        x[2, 1, 5] = float("inf")
+    out = {}
+    for fused in (True, False):
+        xx = x.detach().clone().requires_grad_(True) if case not in ("noncontig", "transposed") else \
+            x.detach().requires_grad_(True)
+        q = _trainable(p)
+        y = _call(kind, xx, q, fused=fused, opt=True, group=ctx.group, backend=backend)
+        g_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+        y.backward(g_out)
+        out[fused] = {"y": y.detach(), "dx": xx.grad, "dA": q["lora_a"].grad, "dB": q["lora_b"].grad}
+    for name in GRADS:
+        what = f"{case} {kind} {backend} rank {rank} tp={t} {name}"
+        a, b = out[True][name].double(), out[False][name].double()
+        same_nan = bool(torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b)))
+        assert same_nan, f"{what}: NaN/Inf pattern differs from the reference"
+        fin = torch.isfinite(b)
+        scale = b[fin].abs().max().item() if fin.any() else 1.0
+        err = ((a - b)[fin].abs().max().item() / max(scale, 1e-30)) if fin.any() else 0.0
+        assert err <= 1e-5, f"{what}: rel err {err:.1e} > 1e-05"
+        if case == "nan" and name in ("y", "dA"):
+            assert int((~fin).sum()) > 0, f"{what}: the NaN/Inf in x vanished (zeroed?)"
+
+
+def rerun_bits(ctx, kind: str, backend: str, sp: bool) -> None:
+    """Two runs with the same seed: outputs and grads must be bit-identical."""
+    t, rank = ctx.tp, ctx.rank
+    K, N, r = 32, 16, 4
+    p = weights(kind, rank, t, K, N, r)
+    k_in = K if kind == "column" else K // t
+    runs = []
+    for _ in range(2):
+        x = torch.randn(4, 2, k_in, generator=torch.Generator().manual_seed(9), requires_grad=True)
+        q = _trainable(p)
+        y = _call(kind, x, q, sp=sp, opt=True, group=ctx.group, backend=backend)
+        y.backward(torch.ones_like(y))
+        runs.append([y.detach(), x.grad, q["lora_a"].grad, q["lora_b"].grad])
+    for name, a, b in zip(GRADS, *runs):
+        assert torch.equal(a, b), f"{name} rank {rank} {kind} {backend} sp={sp}: rerun with the same seed differs"
+
+
+def recompute(ctx, kind: str, how: str, backend: str) -> None:
+    """Activation recompute (dropout on, seed drawn from the default generator) vs no recompute."""
+    t, rank = ctx.tp, ctx.rank
+    K, N, r = 32, 16, 4
+    p = weights(kind, rank, t, K, N, r)
+    k_in = K if kind == "column" else K // t
+    fn = column_parallel_lora if kind == "column" else row_parallel_lora
+
+    def layer(x, a, b):
+        # seed=None: drawn from torch's default generator on x's device, as the modules do.
+        return fn(x, p["weight"], a, b, bias=p["bias"], scale=0.5, dropout_p=0.3, group=ctx.group, backend=backend)
+
+    grads = []
+    for mode in ("plain", how):
+        torch.manual_seed(1234)
+        x = torch.randn(4, 2, k_in, requires_grad=True)
+        a = p["lora_a"].detach().clone().requires_grad_(True)
+        b = p["lora_b"].detach().clone().requires_grad_(True)
+        if mode == "plain":
+            y = layer(x, a, b)
+        elif mode == "torch":
+            import torch.utils.checkpoint as ckpt
+
+            y = ckpt.checkpoint(layer, x, a, b, use_reentrant=False)
+        else:
+            from unittest import mock
+
+            from megatron.core.tensor_parallel import random as mrandom
+
+            # Megatron's checkpoint also saves/restores the CUDA RNG; there is no CUDA here, so
+            # those two calls are stubbed. The CPU RNG restore (where our seed is drawn) is real.
+            with mock.patch.object(mrandom, "_get_cuda_rng_state", lambda *a, **k: None), \
+                    mock.patch.object(mrandom, "_set_cuda_rng_state", lambda *a, **k: None):
+                y = mrandom.checkpoint(layer, False, x, a, b)
+                torch.manual_seed(999)  # disturb the generator between forward and recompute
+                y.backward(torch.ones_like(y))
+        if mode != "megatron":
+            torch.manual_seed(999)
+            y.backward(torch.ones_like(y))
+        grads.append([y.detach(), x.grad, a.grad, b.grad])
+    for name, u, v in zip(GRADS, *grads):
+        assert torch.equal(u, v), f"{name} rank {rank} {kind} {how}-checkpoint {backend}: differs from no recompute"
+
+
+def empty_tokens(ctx, kind: str, sp: bool, opt: bool, backend: str) -> None:
+    """T = 0: empty output of the right shape, zero LoRA grads, no crash, in every mode."""
+    t, rank = ctx.tp, ctx.rank
+    K, N, r = 16, 8, 4
+    p = weights(kind, rank, t, K, N, r)
+    k_in = K if (kind == "column" or not opt) else K // t
+    x = torch.zeros(0, 2, k_in, requires_grad=True)
+    q = _trainable(p)
+    y = _call(kind, x, q, sp=sp, opt=opt, group=ctx.group, backend=backend)
+    y.sum().backward()
+    what = f"T=0 {kind} sp={sp} opt={opt} {backend} rank {rank}"
+    n_out = N if kind == "row" or opt else N // t
+    assert tuple(y.shape) == (0, 2, n_out), f"{what}: output shape {tuple(y.shape)}, expected {(0, 2, n_out)}"
+    assert tuple(x.grad.shape) == (0, 2, k_in), f"{what}: dx shape {tuple(x.grad.shape)}, expected {(0, 2, k_in)}"
+    dA, dB = float(q["lora_a"].grad.abs().sum()), float(q["lora_b"].grad.abs().sum())
+    assert dA == 0.0 and dB == 0.0, f"{what}: LoRA grads not zero: |dA| {dA}, |dB| {dB}"
+
+
+def bad_adapter_file(ctx, path: str):
+    """load_adapter of a file whose shapes do not fit: returns the error; the model must be untouched."""
+    import json
+    import os
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from tplora_kernels import ColumnParallelLoRA, load_adapter
+
+    model = torch.nn.Module()
+    model.fc1 = ColumnParallelLoRA(column(ctx.group, ctx.tp, 16, 8, seed=None, bias=False), r=4)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
+    if ctx.rank == 0:  # full A must be [4, 16]; this one is [4, 12]
+        os.makedirs(path, exist_ok=True)
+        save_file({"base_model.model.fc1.lora_A.weight": torch.zeros(4, 12),
+                   "base_model.model.fc1.lora_B.weight": torch.zeros(8, 4)},
+                  os.path.join(path, "adapter_model.safetensors"))
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["fc1"]}, f)
+    dist.barrier(group=ctx.group)
+    try:
+        load_adapter(model, path, adapter_name="other")
+        err = None
+    except ValueError as e:
+        err = str(e)
+    after = {k: v for k, v in model.state_dict().items() if "lora" in k}
+    untouched = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    adapters = sorted(model.fc1.lora_A)
+    assert untouched and adapters == ["default"], (
+        f"rank {ctx.rank}: a refused load changed the model (factors unchanged: {untouched}, adapters {adapters})")
+    return err
+
+
+# ---------------------------------------------------------------------------------------------
+# In the test process. 1. Validation before any collective: every rank raises the same clear
+# error, none hangs.
 # ---------------------------------------------------------------------------------------------
 BAD_CALLS = [
     # (case, kind, exception type, words the message must contain)
@@ -47,13 +312,16 @@ def _assert_symmetric_error(results, exc: str, words: list[str], what: str) -> N
 
 @pytest.mark.parametrize(("case", "kind", "exc", "words"), BAD_CALLS, ids=[f"{c}-{k}" for c, k, _, _ in BAD_CALLS])
 def test_bad_call_raises_on_every_rank(dist_pool, case, kind, exc, words):
-    res = dist_pool.run(C.bad_call, TP, timeout=NO_HANG_S, raise_errors=False, case=case, kind=kind)
+    res = dist_pool.run(bad_call, TP, timeout=NO_HANG_S, raise_errors=False, case=case, kind=kind)
     _assert_symmetric_error(res, exc, words, f"{case}/{kind} tp={TP}")
 
 
 BAD_MODULES = [
     ("not_megatron", "TypeError", ["ColumnParallelLinear", "Linear"]),
-    ("explicit_expert_comm", "ValueError", ["explicit_expert_comm"]),
+    # Options the modules cannot reproduce are refused by name (explicit_expert_comm was one until
+    # commit 137188c made expert layers supported).
+    ("disable_grad_reduce", "UnsupportedBase", ["disable_grad_reduce=True"]),
+    ("gtp_remat_size", "UnsupportedBase", ["gtp_remat_size=2"]),
     ("r_zero", "ValueError", ["r must be a positive int", "0"]),
     ("dropout", "ValueError", ["lora_dropout", "1.5"]),
     ("alpha", "ValueError", ["lora_alpha", "inf"]),
@@ -63,26 +331,21 @@ BAD_MODULES = [
 
 @pytest.mark.parametrize(("case", "exc", "words"), BAD_MODULES, ids=[c for c, _, _ in BAD_MODULES])
 def test_bad_module_raises_on_every_rank(dist_pool, case, exc, words):
-    res = dist_pool.run(C.bad_module, TP, timeout=NO_HANG_S, raise_errors=False, case=case)
+    res = dist_pool.run(bad_module, TP, timeout=NO_HANG_S, raise_errors=False, case=case)
     _assert_symmetric_error(res, exc, words, f"module {case} tp={TP}")
 
 
 @pytest.mark.parametrize("case", ["merge_twice", "unmerge_unmerged"])
 def test_merge_misuse_warns_and_keeps_weights(dist_pool, case):
-    for r, res in enumerate(dist_pool.run(C.bad_module, TP, timeout=NO_HANG_S, case=case)):
-        assert res["warned"], f"{case} rank {r}: no warning"
-        assert res["weight_intact"], f"{case} rank {r}: base weight changed (corrupted)"
+    dist_pool.run(merge_misuse, TP, timeout=NO_HANG_S, case=case)
 
 
 def test_adapter_that_does_not_fit_is_refused_on_every_rank(dist_pool, tmp_path):
-    res = dist_pool.run(C.bad_adapter_file, TP, timeout=NO_HANG_S, path=str(tmp_path / "bad"))
-    errors = {r["error"] for r in res}
+    errors = set(dist_pool.run(bad_adapter_file, TP, timeout=NO_HANG_S, path=str(tmp_path / "bad")))
     assert len(errors) == 1 and None not in errors, f"ranks must raise the same error, got {errors}"
     msg = errors.pop()
     for word in ("fc1", "[4, 16]", "[4, 12]"):
         assert word in msg, f"message {msg!r} lacks {word!r}"
-    for r, v in enumerate(res):
-        assert v["untouched"] and v["adapters"] == ["default"], f"rank {r}: a refused load changed the model: {v}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,13 +361,7 @@ def test_odd_inputs_match_reference(dist_pool, kernel_backend, case, kind, backe
     if backend == "interpret":
         backend = kernel_backend
     tp = 4 if case == "odd" else TP  # odd: K=60 -> 15 per rank, N=36 -> 9 per rank
-    for r, res in enumerate(dist_pool.run(C.odd_inputs, tp, kind=kind, case=case, backend=backend)):
-        for name, v in res.items():
-            what = f"{case} {kind} {backend} rank {r} tp={tp} {name}"
-            assert v["same_nonfinite"], f"{what}: NaN/Inf pattern differs from the reference"
-            assert v["err"] <= 1e-5, f"{what}: rel err {v['err']:.1e} > 1e-05"
-            if case == "nan" and name in ("y", "dA"):
-                assert v["n_nonfinite"] > 0, f"{what}: the NaN/Inf in x vanished (zeroed?)"
+    dist_pool.run(odd_inputs, tp, kind=kind, case=case, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["torch", "interpret"])
@@ -113,14 +370,7 @@ def test_empty_tokens(dist_pool, kernel_backend, backend):
     for kind in ("column", "row"):
         for sp in (False, True):
             for opt in (False, True):
-                n_out = 8 if kind == "row" or opt else 8 // TP
-                k_in = 16 if kind == "column" or not opt else 16 // TP
-                res = dist_pool.run(C.empty_tokens, TP, kind=kind, sp=sp, opt=opt, backend=backend)
-                for r, v in enumerate(res):
-                    what = f"T=0 {kind} sp={sp} opt={opt} {backend} rank {r}"
-                    assert v["y"] == (0, 2, n_out), f"{what}: output shape {v['y']}"
-                    assert v["dx"] == (0, 2, k_in), f"{what}: dx shape {v['dx']}"
-                    assert v["dA"] == 0.0 and v["dB"] == 0.0, f"{what}: LoRA grads not zero: {v}"
+                dist_pool.run(empty_tokens, TP, kind=kind, sp=sp, opt=opt, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,9 +381,7 @@ def test_empty_tokens(dist_pool, kernel_backend, backend):
 @pytest.mark.parametrize("backend", ["torch", "interpret"])
 def test_rerun_is_bit_identical(dist_pool, kernel_backend, backend, kind, sp):
     backend = kernel_backend if backend == "interpret" else backend
-    for r, same in enumerate(dist_pool.run(C.rerun_bits, TP, kind=kind, backend=backend, sp=sp)):
-        for name, ok in zip(("y", "dx", "dA", "dB"), same):
-            assert ok, f"{name} rank {r} {kind} {backend} sp={sp}: rerun with the same seed differs"
+    dist_pool.run(rerun_bits, TP, kind=kind, backend=backend, sp=sp)
 
 
 def test_autotune_never_varies_a_reduction_block():
@@ -152,9 +400,7 @@ def test_autotune_never_varies_a_reduction_block():
 @pytest.mark.parametrize("kind", ["column", "row"])
 def test_recompute_gives_same_grads(dist_pool, kernel_backend, kind, how):
     for backend in ("torch", kernel_backend):
-        for r, same in enumerate(dist_pool.run(C.recompute, TP, kind=kind, how=how, backend=backend)):
-            for name, ok in zip(("y", "dx", "dA", "dB"), same):
-                assert ok, f"{name} rank {r} {kind} {how}-checkpoint {backend}: differs from no recompute"
+        dist_pool.run(recompute, TP, kind=kind, how=how, backend=backend)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: megatron's checkpoint "

@@ -1,10 +1,10 @@
-"""The five launch wrappers against the fp64 math, on the Triton kernels and on the torch backend.
+"""The five launch wrappers against the fp64 math, on the Triton kernels, the cublas and the torch backends.
 
 Every op runs on inputs in its dtype and is compared with the same math in fp64 on those
 inputs (upcast, so input rounding is not counted), dropout mask from ``mask.keep_mask`` at the
-same global offsets. Bars (STYLE.md): fp32 ≤ 1e-5 relative (max abs error / max abs of exact);
-fp16/bf16 ≤ 2 x the error of torch computing the same thing in that dtype (LoRA weights cast to
-it, as ``reference.lora_dense`` does) + 1e-6.
+same global offsets. Bars (``support.checks``): fp32 ≤ 1e-5 relative (max abs error / max abs of
+exact); fp16/bf16 ≤ 2 x the error of torch computing the same thing in that dtype (LoRA weights
+cast to it, as ``reference.lora_dense`` does) + 1e-6.
 
 Layouts: ``contiguous``; ``strided`` and ``transposed`` operands cut from NaN-filled buffers (a
 kernel that ignores a stride reads NaN, and writes outside an output view show as non-NaN);
@@ -26,8 +26,8 @@ from tplora_kernels import mask as M
 from tplora_kernels.distributed import RowChunkedBuffer
 from tplora_kernels.ops import launch as L
 
-FP32_BAR = 1e-5
-LOW_FACTOR, LOW_TINY = 2.0, 1e-6
+from .support.checks import bar_for, exceeds, rel_err
+
 SCALE = 0.75
 ROW0, COL0 = 21, 13  # global offsets of x[0, 0] for the mask: odd, not multiples of 8
 NAN_FREE_GUARD = 3  # width of the guard operand in the chunked buffer
@@ -143,8 +143,8 @@ class Case:
 
 
 def run_case(c: Case, kernel_backend: str, dims=None, seed: int = 0) -> None:
-    backend = kernel_backend if c.backend == "interpret" else "torch"
-    dev = "cuda" if backend == "triton" else "cpu"
+    backend = kernel_backend if c.backend == "interpret" else c.backend
+    dev = "cuda" if kernel_backend == "triton" and backend != "torch" else "cpu"
     T, K, N, r, chunks = dims or SHAPES[c.shape]
     dt, ldt = DTYPES[c.dtype], DTYPES[c.lora]
     g = torch.Generator().manual_seed(seed)
@@ -206,23 +206,22 @@ def run_case(c: Case, kernel_backend: str, dims=None, seed: int = 0) -> None:
 
     failures = [f"{c.id}: {msg}" for msg in P.check_untouched()]
     for name, ours, exact, low in results:
-        ours = flat(ours).cpu()
-        scale = exact.abs().max().item() or 1.0
-        err = (ours.double() - exact).abs().max().item() / scale
-        if dt == torch.float32:
-            bar, why = FP32_BAR, "fp32 bar"
-        else:
-            own = (low.double() - exact).abs().max().item() / scale
-            bar, why = LOW_FACTOR * own + LOW_TINY, f"2x torch's own {own:.1e} in {c.dtype}"
-        if not err <= bar:  # NaN fails too
-            failures.append(f"{name} ({c.id}): rel err {err:.1e} > {bar:.1e} ({why})")
+        own = None if dt == torch.float32 else {f"torch in {c.dtype}": rel_err(low, exact)}
+        bar, why = bar_for(dt, own)
+        failures.append(exceeds(f"{name} ({c.id})", rel_err(flat(ours).cpu(), exact), bar, why))
+    failures = [f for f in failures if f]
     assert not failures, "\n".join(failures)
+
+
+# cublas: torch GEMMs plus Triton LoRA terms in linear_fwd / linear_dx, the full grid; its other
+# three ops are the Triton kernels themselves, run once per precision and p on one shape.
+CUBLAS_OWN_OPS = {"linear_fwd", "linear_dx"}
 
 
 def _cases() -> list[Case]:
     out = []
     for op in OPS:
-        for backend in ("interpret", "torch"):
+        for backend in ("interpret", "torch", "cublas"):
             for dtype, lora in PRECISIONS:
                 if op not in LORA_OPS and lora != dtype:
                     continue
@@ -230,6 +229,8 @@ def _cases() -> list[Case]:
                     for shape in SHAPES:
                         # Every layout on the odd r=5 shape and on the multi-block one; contiguous elsewhere.
                         layouts = LAYOUTS if shape in ("T63-K60-N40-r5", "T130-K100-N72-r16") else ["contiguous"]
+                        if backend == "cublas" and op not in CUBLAS_OWN_OPS:
+                            layouts = ["contiguous"] if shape == "T63-K60-N40-r5" else []
                         out += [Case(op, backend, dtype, lora, p, shape, lay) for lay in layouts]
     return out
 
@@ -256,3 +257,113 @@ def test_op_matches_fp64_any_shape(kernel_backend, op, backend, prec, p, layout,
     chunks = max(c for c in (1, 2, 3, 4) if T % c == 0)
     c = Case(op, backend, dtype, lora, p, f"T{T}-K{K}-N{N}-r{r}", layout)
     run_case(c, kernel_backend, dims=(T, K, N, r, chunks), seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# ops.select: the per-shape choice between the triton and cublas GEMM paths
+# ---------------------------------------------------------------------------------------------
+# On a CPU machine neither candidate runs on the ranks' tensors, and no candidate is launched
+# here: the timer is injected, and "triton" is allowed on CPU so that the chosen object can be
+# built. What is tested is the choice, its cache, the override and the broadcast.
+SHAPE = dict(dtype=torch.bfloat16, lora_dtype=torch.float32, N=96, K=64, R=8)
+
+
+def _cpu_choosable():
+    from unittest import mock
+
+    from tplora_kernels.backends import Support
+    from tplora_kernels.ops.triton_backend import TritonBackend
+
+    return mock.patch.object(TritonBackend, "supports", classmethod(lambda cls, device: Support(True)))
+
+
+def _timer(seconds: dict[str, float], calls: list):
+    def timer(name: str, key: tuple) -> float:
+        calls.append(name)
+        return seconds[name]
+    return timer
+
+
+@pytest.fixture
+def select(monkeypatch):
+    from tplora_kernels.ops import select as S
+
+    monkeypatch.delenv("TPLORA_GEMM", raising=False)
+    S.reset()
+    with _cpu_choosable():
+        yield S
+    S.reset()
+
+
+@pytest.mark.parametrize("fast", ["triton", "cublas"])
+def test_select_picks_the_faster_and_caches_per_shape(select, fast):
+    slow = "cublas" if fast == "triton" else "triton"
+    calls: list = []
+    got = select.choose_gemm_backend(torch.device("cpu"), **SHAPE, T=100, group=None,
+                                     timer=_timer({fast: 1e-3, slow: 2e-3}, calls))
+    assert got.name == fast, f"timer says {fast} 1 ms, {slow} 2 ms: chose {got.name}"
+    assert sorted(calls) == ["cublas", "triton"], f"each candidate must be timed once, timed {calls}"
+    (key, decision), = select.decisions().items()
+    assert decision == {"choice": fast, "seconds": {fast: 1e-3, slow: 2e-3}}, f"decisions() recorded {decision}"
+    assert "T<=128" in key, f"T=100 must be keyed by its power-of-two bucket 128: {key!r}"
+    # Same bucket (T=120 <= 128), a timer that now prefers the other: the cached choice, not timed again.
+    again: list = []
+    got = select.choose_gemm_backend(torch.device("cpu"), **SHAPE, T=120, group=None,
+                                     timer=_timer({fast: 2e-3, slow: 1e-3}, again))
+    assert got.name == fast and not again, f"T=120 must reuse T=100's choice {fast}: chose {got.name}, timed {again}"
+    # Another bucket is measured afresh.
+    got = select.choose_gemm_backend(torch.device("cpu"), **SHAPE, T=200, group=None,
+                                     timer=_timer({fast: 2e-3, slow: 1e-3}, again))
+    assert got.name == slow and sorted(again) == ["cublas", "triton"], (
+        f"T=200 (bucket 256) must be timed anew and pick {slow}: chose {got.name}, timed {again}")
+
+
+@pytest.mark.parametrize("forced", ["triton", "cublas"])
+def test_select_honours_TPLORA_GEMM(select, monkeypatch, forced):
+    other = "cublas" if forced == "triton" else "triton"
+    calls: list = []
+    select.choose_gemm_backend(torch.device("cpu"), **SHAPE, T=64, group=None,
+                               timer=_timer({other: 1e-3, forced: 2e-3}, calls))  # caches `other`
+    monkeypatch.setenv("TPLORA_GEMM", f" {forced.upper()} ")
+    calls.clear()
+    got = select.choose_gemm_backend(torch.device("cpu"), **SHAPE, T=64, group=None,
+                                     timer=_timer({other: 1e-3, forced: 2e-3}, calls))
+    assert got.name == forced and not calls, (
+        f"TPLORA_GEMM={forced} must win over the cached and the timed choice: chose {got.name}, timed {calls}")
+    monkeypatch.setenv("TPLORA_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="TPLORA_GEMM must be one of"):
+        select.choose_gemm_backend(torch.device("cpu"), **SHAPE, T=64, group=None, timer=_timer({}, calls))
+
+
+def select_in_group_task(ctx, prefer: dict[int, str]) -> dict:
+    """Choose on every rank of the group with a timer that makes rank i prefer ``prefer[i]``."""
+    import os
+    from unittest import mock
+
+    from tplora_kernels.ops import select as S
+
+    calls: list = []
+    mine = prefer[ctx.rank]
+    timer = _timer({mine: 1e-3, ("cublas" if mine == "triton" else "triton"): 2e-3}, calls)
+    with _cpu_choosable(), mock.patch.dict(os.environ):
+        os.environ.pop("TPLORA_GEMM", None)
+        S.reset()
+        try:
+            first = S.choose_gemm_backend(torch.device("cpu"), **SHAPE, T=512, group=ctx.group, timer=timer).name
+            cached = S.choose_gemm_backend(torch.device("cpu"), **SHAPE, T=500, group=ctx.group, timer=timer).name
+        finally:
+            S.reset()
+    return {"first": first, "cached": cached, "timed": calls}
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("rank0", ["triton", "cublas"])
+def test_select_gives_every_rank_rank0s_choice(dist_pool, tp, rank0):
+    """Ranks that chose differently would drift apart: every rank must use what rank 0 measured."""
+    others = "cublas" if rank0 == "triton" else "triton"
+    prefer = {r: rank0 if r == 0 else others for r in range(tp)}
+    res = dist_pool.run(select_in_group_task, tp, prefer=prefer)
+    got = [(r["first"], r["cached"]) for r in res]
+    assert got == [(rank0, rank0)] * tp, (
+        f"tp={tp}: rank 0's timer prefers {rank0}, the others' {others}; (first, cached) choice per rank {got}")
+    assert sorted(res[0]["timed"]) == ["cublas", "triton"], f"rank 0 must time both candidates: {res[0]['timed']}"

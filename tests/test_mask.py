@@ -118,7 +118,7 @@ def _scaled_mask(seed, row0, T, col0, K, thr, dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize(("row0", "col0"), PUBLIC_OFFSETS, ids=[f"row{r:#x}-col{c:#x}" for r, c in PUBLIC_OFFSETS])
-@pytest.mark.parametrize("backend", ["interpret", "torch"])
+@pytest.mark.parametrize("backend", ["interpret", "torch", "cublas"])
 def test_public_ops_apply_exactly_the_mask(kernel_backend, backend, row0, col0, dtype):
     """linear_dx with dy=0 and du=A=1 (r=1), shrink_fwd with x=1 and A=I, shrink_bwd with du=I and x=1.
 
