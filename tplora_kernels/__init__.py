@@ -6,7 +6,8 @@ Layers, each calling the one below it::
 
 beside them: ``config`` (options), ``layout`` (the shard rule), ``base`` (base-layer
 recognisers), ``rng`` (dropout seeds), ``mask`` (the dropout mask), ``adapters`` (registry),
-``checkpoint`` (adapter files), ``peft`` (PEFT integration).
+``checkpoint`` (adapter files), ``hf`` (adapters under Hugging Face names), ``multi`` (several
+adapters in one batch), ``peft`` (PEFT integration).
 
 Quick start (inside an initialised tensor-parallel group)::
 
@@ -21,6 +22,7 @@ from .config import LoRAConfig
 from .dispatch import apply_lora, dispatch_megatron
 from .distributed import sum_sequence_parallel_grads
 from .functional import column_parallel_lora, parallel_linear, row_parallel_lora
+from .hf import export_hf_adapter, load_hf_adapter
 from .modules import ColumnParallelLoRA, RowParallelLoRA, lora_modules, set_batch_adapters
 from .rng import checkpoint_context_fn, draw_seed
 
@@ -37,10 +39,12 @@ __all__ = [
     "column_parallel_lora",
     "dispatch_megatron",
     "draw_seed",
+    "export_hf_adapter",
     "gather_full_factors",
     "get_backend",
     "interpreter_active",
     "load_adapter",
+    "load_hf_adapter",
     "lora_modules",
     "parallel_linear",
     "resolve_backend",
