@@ -21,6 +21,10 @@ CUDA-only call with the CPU equivalent of what it does on a GPU, and nothing els
 - ``WrappedTorchNorm`` (megatron's norm without apex) refuses SP. Under SP it builds the same
   torch norm and marks its parameters ``sequence_parallel = True``, as ``FusedLayerNorm`` does, so
   the SP gradient sum (``finalize_model_grads`` or ``sum_sequence_parallel_grads``) covers them.
+- ``moe_utils.te_general_gemm`` -> None: the MoE router's ``RouterGatingLinearFunction`` reads
+  this global, which megatron-core 0.16.1 only defines when Transformer Engine imports (a
+  NameError without TE, on a GPU too); None is the module's own "no TE" value, for which the
+  router runs its torch.mm branch.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ def megatron_on_cpu() -> Iterator[None]:
     """Install every shim in the module docstring for the duration of the block."""
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer import torch_norm
+    from megatron.core.transformer.moe import moe_utils
 
     tracker_cls = cpu_tracker_class()
     original_norm_new = torch_norm.WrappedTorchNorm.__new__
@@ -125,6 +130,8 @@ def megatron_on_cpu() -> Iterator[None]:
         mock.patch.object(mrandom, "_CUDA_RNG_STATE_TRACKER", tracker_cls()),
         mock.patch.object(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True),
         mock.patch.object(torch_norm.WrappedTorchNorm, "__new__", staticmethod(norm_new)),
+        # Only when TE did not define it: a real TE GEMM stays.
+        mock.patch.object(moe_utils, "te_general_gemm", getattr(moe_utils, "te_general_gemm", None), create=True),
     ]
     with contextlib.ExitStack() as stack:
         for p in patches:
