@@ -135,6 +135,12 @@ def _deliver(param: torch.Tensor, g32: torch.Tensor | None) -> torch.Tensor | No
     return torch.zeros_like(param)
 
 
+def _unpack(ctx) -> tuple[Plan, Backend, tuple, tuple[bool, bool, bool]]:
+    """A backward's plan, backend, saved tensors and whether dx, dA and dB are needed."""
+    need = ctx.needs_input_grad
+    return ctx.plan, ctx.plan.backend, ctx.saved_tensors, (need[0], need[3], need[4])
+
+
 def _fresh(view: torch.Tensor) -> torch.Tensor:
     """A tensor on ``view``'s memory that autograd does not know as a view.
 
@@ -182,11 +188,8 @@ class _ColumnParallelLoRAFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        plan: Plan = ctx.plan
-        be = plan.backend
-        x, weight, lora_a, lora_b, u, seed = ctx.saved_tensors
+        plan, be, (x, weight, lora_a, lora_b, u, seed), (need_dx, need_da, need_db) = _unpack(ctx)
         drop = plan.dropout(seed)
-        need_dx, need_da, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         if plan.gather_output:
             n = weight.shape[0]
             dy = dy[:, plan.rank * n:(plan.rank + 1) * n]
@@ -265,10 +268,7 @@ class _RowParallelLoRAFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        plan: Plan = ctx.plan
-        be = plan.backend
-        x_i, weight, lora_a, lora_b, u, seed = ctx.saved_tensors
-        need_dx, need_da, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        plan, be, (x_i, weight, lora_a, lora_b, u, seed), (need_dx, need_da, need_db) = _unpack(ctx)
         dy = dy.to(x_i.dtype)
         dY = D.all_gather_rows(dy, plan.group) if plan.sequence_parallel else dy
         drop = plan.dropout(seed).shifted(cols=plan.rank * weight.shape[1])

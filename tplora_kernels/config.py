@@ -70,6 +70,13 @@ def real_number(name: str, value: Any) -> float:
     return float(value)
 
 
+def _real_within(name: str, value: Any, ok, what: str) -> float:
+    v = real_number(name, value)
+    if not (math.isfinite(v) and ok(v)):
+        raise ValueError(f"{name} must be {what}, got {v!r}")
+    return v
+
+
 def check_scale(name: str, value: Any) -> float:
     """A LoRA scale or alpha: a real number whose magnitude fits fp32 (the kernels multiply in fp32).
 
@@ -77,10 +84,8 @@ def check_scale(name: str, value: Any) -> float:
         >>> check_scale("lora_alpha", 16)
         16.0
     """
-    v = real_number(name, value)
-    if not math.isfinite(v) or abs(v) > _FP32_MAX:
-        raise ValueError(f"{name} must be finite and within fp32's range (|{name}| <= {_FP32_MAX:.3e}), got {v!r}")
-    return v
+    return _real_within(name, value, lambda v: abs(v) <= _FP32_MAX,
+                        f"finite and within fp32's range (|{name}| <= {_FP32_MAX:.3e})")
 
 
 def check_rank(name: str, value: Any) -> int:
@@ -104,10 +109,7 @@ def check_dropout(name: str, value: Any) -> float:
         >>> check_dropout("lora_dropout", 0.1)
         0.1
     """
-    v = real_number(name, value)
-    if not (math.isfinite(v) and 0.0 <= v < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {v!r}")
-    return v
+    return _real_within(name, value, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 
 
 def check_init(value: Any) -> bool | str:

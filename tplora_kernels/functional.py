@@ -251,11 +251,11 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
     Returns:
         ``[S, ..., N]``; under SP ``[S/t, ..., N]``.
 
-    Example:
-        >>> x, w = torch.randn(4, 2, 32), torch.randn(16, 32)
-        >>> a, b = torch.randn(8, 32), torch.zeros(16, 8)
-        >>> row_parallel_lora(x, w, a, b, scale=2.0).shape
-        torch.Size([4, 2, 16])
+    Example (one rank: the full input; with t ranks each passes its K/t slice of x, W and A):
+        >>> y = row_parallel_lora(torch.randn(3, 2, 8), torch.randn(5, 8), torch.randn(2, 8), torch.zeros(5, 2),
+        ...                       bias=torch.zeros(5), scale=0.5, dropout_p=0.1, seed=7)
+        >>> tuple(y.shape)
+        (3, 2, 5)
     """
     return _row(x, weight, lora_a, lora_b, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
                 sequence_parallel=sequence_parallel, input_is_parallel=input_is_parallel, group=group,

@@ -58,30 +58,24 @@ class ReduceFromRegion(torch.autograd.Function):
         return g, None
 
 
-class GatherRows(torch.autograd.Function):
-    """Forward all-gather rows (dim 0), backward reduce-scatter rows (SP gather)."""
+def _mirrored(name: str, forward, backward, doc: str) -> type[torch.autograd.Function]:
+    """An autograd Function whose forward is one collective and whose backward is its mirror."""
 
-    @staticmethod
-    def forward(ctx, x, group):
+    def fwd(ctx, x, group):
         ctx.group = group
-        return D.all_gather_rows(x, group)
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, g):
-        return D.reduce_scatter_rows(g, ctx.group), None
+    def bwd(ctx, g):
+        return backward(g, ctx.group), None
+
+    return type(name, (torch.autograd.Function,), {"__doc__": doc, "forward": staticmethod(fwd),
+                                                     "backward": staticmethod(bwd), "__module__": __name__})
 
 
-class ReduceScatterRows(torch.autograd.Function):
-    """Forward reduce-scatter rows, backward all-gather rows (SP reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return D.reduce_scatter_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return D.all_gather_rows(g, ctx.group), None
+GatherRows = _mirrored("GatherRows", D.all_gather_rows, D.reduce_scatter_rows,
+                       "Forward all-gather rows (dim 0), backward reduce-scatter rows (SP gather).")
+ReduceScatterRows = _mirrored("ReduceScatterRows", D.reduce_scatter_rows, D.all_gather_rows,
+                              "Forward reduce-scatter rows, backward all-gather rows (SP reduce-scatter).")
 
 
 class GatherCols(torch.autograd.Function):

@@ -134,10 +134,11 @@ def row_parallel_lora_reference(x, weight, lora_a, lora_b, *, bias=None, scale=1
     Returns:
         As ``row_parallel_lora``.
 
-    Example:
-        >>> x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
-        >>> row_parallel_lora_reference(x, w, a, b).shape
-        torch.Size([3, 4])
+    Example (with PEFT's nn.Dropout, as PEFT runs it):
+        >>> y = row_parallel_lora_reference(torch.randn(2, 3, 8), torch.randn(4, 8), torch.randn(2, 8),
+        ...                                 torch.randn(4, 2), dropout_p=0.1, dropout="bernoulli")
+        >>> tuple(y.shape)
+        (2, 3, 4)
     """
     world, rank = D.group_size(group), D.group_rank(group)
     sp = sequence_parallel and world > 1

@@ -66,6 +66,22 @@ def _check_weight(name: str, t: torch.Tensor, shape: tuple[int | None, int | Non
         raise ValueError(f"{name} must be [{want}], got {tuple(t.shape)}")
 
 
+def _check_gemm(row_name: str, rows: torch.Tensor, weight: torch.Tensor, shared: int, lora_name: str,
+                lora: torch.Tensor, lora_dim: int) -> tuple[int, int, int, int]:
+    """Checks of a base GEMM with its LoRA step: ``rows [T, W]`` meets ``weight`` along its dim
+    ``shared``; the LoRA factor meets the weight's other dim along its dim ``lora_dim``.
+
+    Returns ``(T, W, the weight's other size, r)``."""
+    _check_float(row_name, rows)
+    T, W = _rows_of(row_name, rows), rows.shape[-1]
+    _check_weight("weight", weight, (W, None) if shared == 0 else (None, W))
+    if weight.dtype != rows.dtype:
+        raise TypeError(f"weight must have {row_name}'s dtype {rows.dtype}, got {weight.dtype}")
+    other = weight.shape[1 - shared]
+    _check_weight(lora_name, lora, (other, None) if lora_dim == 0 else (None, other))
+    return T, W, other, lora.shape[1 - lora_dim]
+
+
 def _check_same_device(**ts: torch.Tensor | None) -> torch.device:
     devs = {n: t.device for n, t in ts.items() if t is not None}
     if len(set(devs.values())) > 1:
@@ -153,14 +169,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, lora
         >>> lora_linear_fwd(x, w, u, b, scale=2.0).shape
         torch.Size([8, 16])
     """
-    _check_float("x", x)
-    T, K = _rows_of("x", x), x.shape[-1]
-    _check_weight("weight", weight, (None, K))
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    N = weight.shape[0]
-    _check_weight("lora_b", lora_b, (N, None))
-    R = lora_b.shape[1]
+    T, _, N, R = _check_gemm("x", x, weight, 1, "lora_b", lora_b, 0)
     _check_out("u", u, T, R)
     if bias is not None:
         _check_float("bias", bias)
@@ -249,14 +258,7 @@ def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lor
         >>> lora_linear_dx(dy, w, du, a).shape
         torch.Size([8, 32])
     """
-    _check_float("dy", dy)
-    T, N = _rows_of("dy", dy), dy.shape[-1]
-    _check_weight("weight", weight, (N, None))
-    if weight.dtype != dy.dtype:
-        raise TypeError(f"weight must have dy's dtype {dy.dtype}, got {weight.dtype}")
-    K = weight.shape[1]
-    _check_weight("lora_a", lora_a, (None, K))
-    R = lora_a.shape[0]
+    T, _, K, R = _check_gemm("dy", dy, weight, 0, "lora_a", lora_a, 1)
     _check_out("du", du, T, R)
     device = _check_same_device(dy=dy, weight=weight, du=du, lora_a=lora_a, out=out)
     _check_drop(drop, device)
