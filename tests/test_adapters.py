@@ -118,6 +118,15 @@ def _base_out(m, x) -> torch.Tensor:
         return parallel_linear(x, m.base_layer.weight, **kw)
 
 
+def _error_of(fn, *args) -> str | None:
+    """The message of the ValueError ``fn(*args)`` raises, or None."""
+    try:
+        fn(*args)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def named_adapters_task(ctx) -> dict:
     """Several named adapters on one module: add, switch, disable, delete."""
     out = {}
@@ -147,12 +156,13 @@ def named_adapters_task(ctx) -> dict:
         y, _ = m(x)
         res["b_err"] = err("b", y)
         res["grads_follow_active"] = (m.lora_A["b"].weight.requires_grad, m.lora_A["default"].weight.requires_grad)
-        for bad in (["default", "b"], "nope"):
-            try:
-                m.set_adapter(bad)
-                res[f"bad_{bad}"] = None
-            except ValueError as e:
-                res[f"bad_{bad}"] = str(e)
+        # Several active adapters serve a mixed batch (``multi``): a plain forward must not pick one.
+        m.set_adapter(["default", "b"])
+        res["both_trainable"] = (m.lora_A["default"].weight.requires_grad, m.lora_A["b"].weight.requires_grad)
+        res["plain_forward_with_both"] = _error_of(m, x)
+        for key, bad in (("bad_dup", ["b", "b"]), ("bad_nope", "nope")):
+            res[key] = _error_of(m.set_adapter, bad)
+        m.set_adapter("b")
         m.enable_adapters(False)
         y, _ = m(x)
         res["disabled_err"] = float((y - base).abs().max())
@@ -243,8 +253,13 @@ def test_add_and_set_adapter(adapter_results, kind):
         assert r["default_err"] < 1e-5, f"{kind} rank {rank}: 'default' output err {r['default_err']:.2e}"
         assert r["b_err"] < 1e-5, f"{kind} rank {rank}: after set_adapter('b') output err {r['b_err']:.2e}"
         assert r["grads_follow_active"] == (True, False), f"{kind} rank {rank}: requires_grad follows the active one"
-        assert "exactly one" in r["bad_['default', 'b']"], f"{kind} rank {rank}: two active adapters must be refused"
-        assert "unknown adapter" in r["bad_nope"], f"{kind} rank {rank}: unknown adapter: {r['bad_nope']!r}"
+        assert r["both_trainable"] == (True, True), f"{kind} rank {rank}: set_adapter([a, b]) trains both"
+        msg = r["plain_forward_with_both"]
+        assert msg and "all active" in msg, (
+            f"{kind} rank {rank}: a plain forward with two active adapters must be refused by name: {msg!r}")
+        assert r["bad_dup"] and "distinct" in r["bad_dup"], f"{kind} rank {rank}: a repeated name: {r['bad_dup']!r}"
+        assert r["bad_nope"] and "unknown adapter" in r["bad_nope"], (
+            f"{kind} rank {rank}: unknown adapter: {r['bad_nope']!r}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
