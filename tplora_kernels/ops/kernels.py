@@ -96,6 +96,15 @@ def _thr(p_rthr, o_row, PERIOD, THR: tl.constexpr, ROW_THR: tl.constexpr):
 
 
 @triton.jit
+def _interpreter_probe_kernel(p_out, n):
+    """Sums 1 over a runtime-bounded loop: the one construct numpy >= 2.4 breaks in some interpreters."""
+    acc = tl.zeros([1], dtype=tl.float32)
+    for _ in range(0, n):
+        acc += 1.0
+    tl.store(p_out + tl.arange(0, 1), acc)
+
+
+@triton.jit
 def _cast_out(acc, p_out, INTERP_BF16: tl.constexpr):
     """fp32 accumulator -> the output's dtype, rounding to nearest even (see INTERP_BF16)."""
     if INTERP_BF16:

@@ -9,6 +9,7 @@ large and fixed (``_INTERP_BLOCK``), because the interpreter pays per program an
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -88,6 +89,27 @@ def _dropout(drop, device: torch.device) -> dict:
     return dict(p_seed=seed, p_rthr=drop.row_thr if row_thr else seed, row0=drop.row0, col0=drop.col0,
                 inv_keep=drop.keep_scale, PERIOD=drop.row_thr.numel() if row_thr else 1, THR=drop.thr,
                 HAS_DROPOUT=drop.active, PACKED=drop.col0 % 8 == 0, ROW_THR=row_thr)
+
+
+@functools.cache
+def _interpreter_works() -> Support:
+    """Whether this triton's interpreter runs a loop with this numpy (probed once).
+
+    triton 3.6 and 3.8's interpreter turn a loop bound into an int with ``int(array)``, which
+    numpy >= 2.4 refuses for 1-element arrays (``only 0-dimensional arrays can be converted``);
+    3.7.1 and 3.9 squeeze first. A version table would guess; the probe knows.
+    """
+    import numpy as np
+
+    out = torch.zeros(1)
+    try:
+        _k._interpreter_probe_kernel[(1,)](out, 3)
+    except TypeError as e:
+        return Support(False, f"triton {triton.__version__}'s interpreter fails with numpy {np.__version__} ({e}); "
+                              "install numpy<2.4, or triton 3.7.1 or >= 3.9")
+    if out.item() != 3.0:
+        return Support(False, f"triton {triton.__version__}'s interpreter computed a wrong loop sum ({out.item()})")
+    return Support(True)
 
 
 @register_backend
@@ -202,7 +224,7 @@ class InterpretBackend(TritonBackend):
             return Support(False, "needs TRITON_INTERPRET=1 in the environment before triton is first imported")
         if device.type != "cpu":
             return Support(False, "runs on CPU tensors")
-        return Support(True)
+        return _interpreter_works()
 
     def _kernel(self, op: str):
         raw, configs = _RAW[op]
