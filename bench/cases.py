@@ -2,7 +2,8 @@
 
 A ``Case`` is one layer shape in one tensor-parallel mode (kind × TP size × SP × dropout). The
 shape is the *full* layer (``d_in`` = K, ``d_out`` = N, ``tokens`` = T); each rank builds its
-own shards from it, the way Megatron shards a model:
+own shards from it with ``tplora_kernels.layout`` (the package's one shard rule), the way
+Megatron shards a model:
 
 ==========  ===================  ==============  ===========  ===========  =================
 kind        x (this rank)        W_i             A            B            y (this rank)
@@ -11,17 +12,21 @@ column      [T or T/t (SP), K]   [N/t, K]        [r, K]       [N/t, r]     [T, N
 row         [T, K/t]             [N, K/t]        [r, K/t]     [N, r]       [T or T/t (SP), N]
 ==========  ===================  ==============  ===========  ===========  =================
 
-``KINDS`` maps a kind to its builder; ``CONTENDERS`` names the callables a builder returns:
-``base`` (the frozen layer alone, the floor), ``reference`` (``tplora_kernels.reference``: our
-torch emulation of PEFT's unfused per-rank structure), ``peft`` (PEFT's own
-``LoraParallelLinear`` on megatron-core layers, ``bench.peft_layer``; only where it runs, see
-``peft_layer.unsupported``) and ``fused`` (``tplora_kernels``). The FLOP and byte formulas below
-are the ones ``NOTES.md`` derives; the roofline floor is
+A single-adapter case (``adapters == 1``) has the contenders of ``CONTENDERS``: ``base`` (the
+frozen layer alone, the floor), ``reference`` (``tplora_kernels.reference``: our torch emulation
+of PEFT's unfused per-rank structure), ``peft`` (PEFT's own ``LoraParallelLinear`` on
+megatron-core layers, ``bench.peft_layer``; only where it runs, see ``peft_layer.unsupported``)
+and ``fused`` (``tplora_kernels``). A multi-adapter case (``adapters = n > 1``, each of rank r)
+has those of ``MULTI_CONTENDERS``: ``base``, ``mixed`` (one fused call with a
+``multi.AdapterMix``: x is ``[s, n, K]`` and sample j uses adapter j) and ``sequential`` (the
+fused single-adapter call once per adapter on its own sample, one after another). The FLOP and
+byte formulas below are the ones ``NOTES.md`` derives; the roofline floor is
 ``max(FLOPs / peak FLOP/s, bytes / peak bandwidth)``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -31,6 +36,7 @@ __all__ = [
     "DTYPES",
     "ELEM",
     "KINDS",
+    "MULTI_CONTENDERS",
     "PEAKS",
     "Built",
     "Case",
@@ -38,17 +44,26 @@ __all__ = [
     "matrix",
     "min_bytes",
     "model_flops",
+    "rel_err",
     "roofline_ms",
 ]
 
+KINDS = ("column", "row")
 CONTENDERS = ("base", "reference", "peft", "fused")
+MULTI_CONTENDERS = ("base", "mixed", "sequential")
 # What each contender is, in one line (the table's legend and the plot's).
 DESCRIBE = {
     "base": "the frozen Megatron-style layer alone, with its own collectives (the floor)",
     "reference": "tplora_kernels.reference: our torch emulation of PEFT's LoraParallelLinear structure",
     "peft": "PEFT's own LoraParallelLinear on megatron-core layers (SP off on CPU; bench/peft_layer.py)",
     "fused": "tplora_kernels (column_parallel_lora / row_parallel_lora)",
+    "mixed": "multi-adapter case: one tplora_kernels call with an AdapterMix, every adapter on its own samples",
+    "sequential": "multi-adapter case: the fused single-adapter call once per adapter, on its own samples",
 }
+# A multi-adapter case's adapters differ in alpha and dropout: adapter a has scale
+# SCALE * MIX_SCALE[a % 4] and dropout p * MIX_DROP[a % 4] (one of every four drops nothing).
+MIX_SCALE = (1.0, 0.5, 2.0, 1.0)
+MIX_DROP = (1.0, 0.5, 1.0, 0.0)
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ELEM = {"fp32": 4, "fp16": 2, "bf16": 2}
 SCALE = 2.0  # LoRA scaling s = alpha / r of every contender
@@ -79,6 +94,8 @@ class Case:
         dtype: activation / base weight dtype, ``"fp32"``, ``"fp16"`` or ``"bf16"``.
         emulated: each rank's shard shapes run on one device with no process group
             (fewer GPUs than t); collectives are then "not measured".
+        adapters: 1 for a single-adapter case; n > 1 for a multi-adapter case: n adapters of
+            rank r, x shaped ``[T/n, n, K]`` (Megatron's ``[s, b, h]``), sample j on adapter j.
 
     Example:
         >>> Case("column", 2, False, 1024, 1024, 1024, 16, 0.1, "fp32").local
@@ -95,6 +112,7 @@ class Case:
     p: float
     dtype: str
     emulated: bool = False
+    adapters: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -109,11 +127,23 @@ class Case:
             raise ValueError("sequence parallelism needs tp > 1")
         if not (0.0 <= self.p < 1.0) or self.r < 1:
             raise ValueError(f"need 0 <= p < 1 and r >= 1, got p={self.p}, r={self.r}")
+        if self.adapters < 1:
+            raise ValueError(f"adapters must be >= 1, got {self.adapters}")
+        rows = self.samples * (self.tp if self.sp else 1)
+        if self.tokens % rows:
+            raise ValueError(f"--tokens {self.tokens} must divide by {rows} (the {self.samples} samples of the "
+                             f"multi-adapter case{f' times tp={self.tp} under SP' if self.sp else ''})")
+
+    @property
+    def samples(self) -> int:
+        """b, the batch's samples: one per adapter (a single-adapter case keeps x as ``[T, 1, K]``)."""
+        return self.adapters
 
     @property
     def label(self) -> str:
-        """Short id, e.g. ``column tp=2 sp=on p=0.1``."""
-        return f"{self.kind} tp={self.tp} sp={'on' if self.sp else 'off'} p={self.p:g}"
+        """Short id, e.g. ``column tp=2 sp=on p=0.1`` (``... mix=4x16`` for 4 adapters of rank 16)."""
+        mix = f" mix={self.adapters}x{self.r}" if self.adapters > 1 else ""
+        return f"{self.kind} tp={self.tp} sp={'on' if self.sp else 'off'} p={self.p:g}{mix}"
 
     @property
     def local(self) -> dict[str, int]:
@@ -138,11 +168,13 @@ def model_flops(case: Case, contender: str, phase: str) -> int:
 
     base fwd ``2·T·n·k``; base bwd is the dgrad only (W is frozen) ``2·T·n·k``. LoRA fwd adds
     ``2·T·r·(k+n)`` (shrink + expand); LoRA bwd adds ``4·T·r·(k+n)`` (du, dB, du·A, dA).
-    Dropout's elementwise work is not counted.
+    Dropout's elementwise work is not counted. In a multi-adapter case every row needs only its
+    own adapter's r columns, so the count is the same; ``mixed`` executes n·r-wide LoRA GEMMs
+    (the other adapters' columns gated to 0), n times these LoRA FLOPs.
 
     Args:
         case: the case.
-        contender: ``"base"``, ``"reference"`` or ``"fused"``.
+        contender: ``"base"`` or a LoRA contender.
         phase: ``"fwd"`` or ``"fwd_bwd"``.
 
     Returns:
@@ -167,7 +199,8 @@ def min_bytes(case: Case, contender: str, phase: str, lora_elem: int | None = No
     fwd: read X ``T·k·e`` and W ``n·k·e``, write y ``T·n·e``; LoRA adds A, B (``r·(k+n)·w``)
     and u written and read back (``2·T·r·e``). bwd: read dy ``T·n·e`` and W, write dx
     ``T·k·e``; LoRA adds the second read of X for dA (``T·k·e``), u, du written and read
-    (``3·T·r·e``), A and B (``r·(k+n)·w``) and fp32 dA, dB (``4·r·(k+n)``).
+    (``3·T·r·e``), A and B (``r·(k+n)·w``) and fp32 dA, dB (``4·r·(k+n)``). A multi-adapter
+    case moves every adapter's factors (n times the factor terms); u stays ``T·r`` useful elements.
 
     Args:
         case: the case.
@@ -189,9 +222,10 @@ def min_bytes(case: Case, contender: str, phase: str, lora_elem: int | None = No
     w = lora_elem or e
     fwd = (T * k + n * k + T * n) * e
     bwd = (T * n + n * k + T * k) * e
+    f = case.adapters * r * (k + n)
     if contender != "base":
-        fwd += r * (k + n) * w + 2 * T * r * e
-        bwd += T * k * e + 3 * T * r * e + r * (k + n) * w + 4 * r * (k + n)
+        fwd += f * w + 2 * T * r * e
+        bwd += T * k * e + 3 * T * r * e + f * w + 4 * f
     return fwd if phase == "fwd" else fwd + bwd
 
 
@@ -222,8 +256,16 @@ class Built:
         dy: the output gradient fed to backward, shaped as every contender's output.
         params: tensors that hold the layer's weights (excluded from saved-activation bytes).
         grads: tensors whose ``.grad`` each backward fills (reset between runs).
-        contenders: ``{name: () -> y}`` for the names of ``CONTENDERS`` that run here, in that order.
-        backend: the fused path's resolved backend.
+        contenders: ``{name: () -> y}`` for the contenders that run here, in table order; ``y`` is
+            a tensor, or a tuple of them for ``sequential`` (one per call).
+        backend: the backend name the fused path asks for, resolved without a layer shape (on CUDA
+            ``auto`` becomes a per-shape choice: ``gemm`` says which shapes, the runner which ran).
+        dy_for: the output gradient of a contender whose output is not shaped as ``dy`` (``sequential``:
+            a tuple, one per call).
+        gemm: per LoRA contender, the ``(dtype, lora dtype, N, K, r, T)`` of each of its calls, the key
+            by which ``tplora_kernels`` picks the GEMM path (``backends.get_backend(gemm=...)``).
+        verify: checks a contender's answer against another's before anything is timed; returns
+            relative errors by name (multi-adapter cases; the runner refuses to time above its bar).
         peft_layer: PEFT's module when the ``peft`` contender runs (for its dropout-free check).
         peft_skipped: why the ``peft`` contender does not run here, or None.
     """
@@ -234,17 +276,35 @@ class Built:
     grads: list
     contenders: dict[str, Callable[[], object]] = field(default_factory=dict)
     backend: str = ""
+    dy_for: dict[str, object] = field(default_factory=dict)
+    gemm: dict[str, list[tuple]] = field(default_factory=dict)
+    verify: Callable[[], dict[str, float]] | None = None
     peft_layer: object = None
     peft_skipped: str | None = None
 
 
-def _tensors(case: Case, rank: int, device, dtype, lora_dtype, seed: int):
+@dataclass
+class _Shards:
+    """This rank's pieces of one full layer: x and dy ``[rows / b, b, features]``, W, and every
+    adapter's ``(A, B)`` in fp32 (each contender casts its own copy)."""
+
+    x: object
+    w: object
+    dy: object
+    factors: list
+
+
+def _tensors(case: Case, rank: int, device, dtype, seed: int) -> _Shards:
     """This rank's shards of one full layer drawn from ``seed`` (the same on every rank).
 
-    Replicated operands (column: x without SP and A; row: B) are therefore identical across
-    ranks, as in a real TP model, and the fused path can be checked against the reference.
+    Every split is ``tplora_kernels.layout``'s, the rule the package shards a model with;
+    sequence parallelism splits the rows of x (column) or of y (row) on top of it. Replicated
+    operands (column: x without SP and A; row: B) are therefore identical across ranks, as in a
+    real TP model, and the fused path can be checked against the reference.
     """
     import torch
+
+    from tplora_kernels.layout import Split, layout_for
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     T, K, N, r, t = case.tokens, case.d_in, case.d_out, case.r, case.tp
@@ -252,51 +312,75 @@ def _tensors(case: Case, rank: int, device, dtype, lora_dtype, seed: int):
     def rnd(*shape, std=1.0):
         return torch.randn(*shape, generator=g) * std
 
-    X, W, dY = rnd(T, 1, K), rnd(N, K, std=K ** -0.5), rnd(T, 1, N)
+    X, W, dY = rnd(T, K), rnd(N, K, std=K ** -0.5), rnd(T, N)
     # A, B as after some training (B = 0 at init would make half the LoRA math trivial).
-    A, B = rnd(r, K, std=K ** -0.5), rnd(N, r, std=0.02)
-    rows = slice(rank * T // t, (rank + 1) * T // t)
-    sp = case.sp and not case.emulated
-    if case.kind == "column":
-        n = slice(rank * N // t, (rank + 1) * N // t)
-        x, w, a, b, dy = X[rows] if sp else X, W[n], A, B[n], dY[..., n]
-    else:
-        k = slice(rank * K // t, (rank + 1) * K // t)
-        x, w, a, b, dy = X[..., k], W[:, k], A[:, k], B, dY[rows] if sp else dY
+    full = [(rnd(r, K, std=K ** -0.5), rnd(N, r, std=0.02)) for _ in range(case.adapters)]
+    lay, rows = layout_for(case.kind), Split(0)
+    x, dy = lay.x.shard(X, rank, t), lay.y.shard(dY, rank, t)
+    if case.sp and not case.emulated:
+        if case.kind == "column":
+            x = rows.shard(x, rank, t)
+        else:
+            dy = rows.shard(dy, rank, t)
 
     def put(v, dt):
         return v.to(device=device, dtype=dt, copy=True).contiguous()  # own storage, as a real shard has
 
-    a_ref = put(a, torch.float32).requires_grad_(True)
-    b_ref = put(b, torch.float32).requires_grad_(True)
-    return (put(x, dtype).requires_grad_(True), put(w, dtype), put(a, lora_dtype).requires_grad_(True),
-            put(b, lora_dtype).requires_grad_(True), a_ref, b_ref, put(dy, dtype))
+    b = case.samples
+    return _Shards(put(x, dtype).view(-1, b, x.shape[-1]), put(lay.weight.shard(W, rank, t), dtype),
+                   put(dy, dtype).view(-1, b, dy.shape[-1]),
+                   [tuple(put(f, torch.float32) for f in lay.shard_factors(A, B_, rank, t)) for A, B_ in full])
+
+
+def _leaf(t, dtype):
+    return t.to(dtype=dtype, copy=True).contiguous().requires_grad_(True)
+
+
+def _functions(kind: str):
+    import tplora_kernels as tk
+    from tplora_kernels.reference import column_parallel_lora_reference, row_parallel_lora_reference
+
+    if kind == "column":
+        return column_parallel_lora_reference, tk.column_parallel_lora
+    return row_parallel_lora_reference, tk.row_parallel_lora
+
+
+def _setup(case: Case, group, device, backend: str):
+    """What every builder shares: the mode's keyword arguments, the dropout seed, and the backend's name
+    without a layer shape. The calls get ``backend`` as asked: on CUDA ``auto`` must reach the package,
+    which picks the GEMM path per layer shape."""
+    import torch
+
+    import tplora_kernels as tk
+
+    # Column runs without gather_output, row with input_is_parallel: Megatron's usual pairing.
+    mode = {} if case.kind == "column" else {"input_is_parallel": True}
+    common = dict(sequence_parallel=case.sp and not case.emulated, group=group, **mode)
+    return common, torch.tensor([0x5EED], dtype=torch.int64, device=device), tk.resolve_backend(device, backend)
 
 
 def _build(case: Case, *, group, rank, device, backend, ref_dropout, lora_dtype, seed, peft) -> Built:
     import torch
 
-    import tplora_kernels as tk
     from tplora_kernels.mappings import base_parallel_linear
-    from tplora_kernels.reference import column_parallel_lora_reference, row_parallel_lora_reference
 
     from . import peft_layer
 
     dtype = getattr(torch, DTYPES[case.dtype])
-    x, w, a, b, a_ref, b_ref, dy = _tensors(case, rank, device, dtype, lora_dtype, seed)
-    scale, p, sp = SCALE, case.p, case.sp and not case.emulated
-    seed_t = torch.tensor([0x5EED], dtype=torch.int64, device=device)
-    be = tk.resolve_backend(device, backend)
-    # Column runs without gather_output, row with input_is_parallel: Megatron's usual pairing.
-    mode = {} if case.kind == "column" else {"input_is_parallel": True}
-    ref, fused = ((column_parallel_lora_reference, tk.column_parallel_lora) if case.kind == "column"
-                  else (row_parallel_lora_reference, tk.row_parallel_lora))
-    common = dict(sequence_parallel=sp, group=group, **mode)
+    sh = _tensors(case, rank, device, dtype, seed)
+    (a32, b32), = sh.factors
+    x, w, dy = sh.x.requires_grad_(True), sh.w, sh.dy
+    a, b, a_ref, b_ref = _leaf(a32, lora_dtype), _leaf(b32, lora_dtype), _leaf(a32, torch.float32), _leaf(
+        b32, torch.float32)
+    scale, p = SCALE, case.p
+    common, seed_t, be = _setup(case, group, device, backend)
+    ref, fused = _functions(case.kind)
+    loc = case.local
     built = Built(x, dy, [w, a, b, a_ref, b_ref], [x, a, b, a_ref, b_ref], {
         "base": lambda: base_parallel_linear(x, w, kind=case.kind, **common),
         "reference": lambda: ref(x, w, a_ref, b_ref, scale=scale, dropout_p=p, seed=0x5EED, dropout=ref_dropout,
                                  **common),
-    }, be)
+    }, be, gemm={"fused": [(dtype, lora_dtype, loc["n"], loc["k"], case.r, loc["rows"])]})
     built.peft_skipped = peft_layer.unsupported(case, device.type, group is not None) if peft else "--no-peft"
     if built.peft_skipped is None:
         # Its own fp32 copies of A and B: PEFT keeps its factors in fp32, as the reference does.
@@ -306,12 +390,96 @@ def _build(case: Case, *, group, rank, device, backend, ref_dropout, lora_dtype,
         built.grads += params[1:]
         built.peft_layer = layer
         built.contenders["peft"] = lambda: layer(x)[0]
-    built.contenders["fused"] = lambda: fused(x, w, a, b, scale=scale, dropout_p=p, seed=seed_t, backend=be,
+    built.contenders["fused"] = lambda: fused(x, w, a, b, scale=scale, dropout_p=p, seed=seed_t, backend=backend,
                                               **common)
     return built
 
 
-KINDS: dict[str, Callable[..., Built]] = {"column": _build, "row": _build}
+def rel_err(got, want) -> float:
+    """``max |got - want| / max |want|`` in fp64 (the bench's checks); inf for NaN/Inf or a wrong shape.
+
+    Example:
+        >>> import torch
+        >>> rel_err(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0]))
+        0.25
+    """
+    if got.shape != want.shape:
+        return math.inf
+    e = float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
+    return e if math.isfinite(e) else math.inf
+
+
+def _build_multi(case: Case, *, group, rank, device, backend, lora_dtype, seed, **_) -> Built:
+    """``base``, ``mixed`` and ``sequential`` for n adapters of rank r; sample j of x ``[s, n, K]`` is adapter j's.
+
+    ``sequential`` gets each sample as its own contiguous tensor (a micro-batch of its own, as
+    when the adapters train one after another) with its own leaves for A and B; ``mixed`` gets
+    the whole batch and the adapters' factors stacked (``A [n·r, K]``, ``B [N, n·r]``).
+    """
+    import torch
+
+    from tplora_kernels.mappings import base_parallel_linear
+    from tplora_kernels.mask import dropout_threshold
+    from tplora_kernels.multi import build_mix
+
+    dtype = getattr(torch, DTYPES[case.dtype])
+    sh = _tensors(case, rank, device, dtype, seed)
+    n, r, loc = case.adapters, case.r, case.local
+    scales = [SCALE * MIX_SCALE[a % len(MIX_SCALE)] for a in range(n)]
+    ps = [case.p * MIX_DROP[a % len(MIX_DROP)] for a in range(n)]
+    common, seed_t, be = _setup(case, group, device, backend)
+    fused = _functions(case.kind)[1]
+    x, w = sh.x.requires_grad_(True), sh.w
+    a_all = _leaf(torch.cat([a for a, _ in sh.factors], dim=0), lora_dtype)
+    b_all = _leaf(torch.cat([b for _, b in sh.factors], dim=1), lora_dtype)
+    xs = [_leaf(sh.x[:, j:j + 1], dtype) for j in range(n)]
+    a_s, b_s = [_leaf(a, lora_dtype) for a, _ in sh.factors], [_leaf(b, lora_dtype) for _, b in sh.factors]
+    dys = tuple(sh.dy[:, j:j + 1].contiguous() for j in range(n))
+    # Built once: a mix holds small device tensors, which a training step would not rebuild per call.
+    mixes = {train: build_mix(list(range(n)), ranks=[r] * n, scales=scales, device=device,
+                              thrs=[dropout_threshold(p) if train else 0 for p in ps]) for train in (True, False)}
+
+    def mixed(train: bool = True):
+        return fused(x, w, a_all, b_all, mix=mixes[train], seed=seed_t, backend=backend, **common)
+
+    def alone(a: int, x_in, train: bool = True):
+        return fused(x_in, w, a_s[a], b_s[a], scale=scales[a], dropout_p=ps[a] if train else 0.0, seed=seed_t,
+                     backend=backend, **common)
+
+    def sequential(train: bool = True):
+        return tuple(alone(a, xs[a], train) for a in range(n))
+
+    def verify() -> dict[str, float]:
+        """Dropout off: mixed and sequential give every sample the same output and every gradient.
+        Dropout on (sequential's calls number their rows from 0, so its masks differ by design):
+        mixed's output of sample a equals adapter a alone on the whole batch, the same rows and seed."""
+        errs: dict[str, float] = {}
+
+        def worst(name, e):
+            errs[name] = max(errs.get(name, 0.0), e)
+
+        y_m = mixed(train=False)
+        g_m = torch.autograd.grad(y_m, [x, a_all, b_all], sh.dy)
+        y_s = sequential(train=False)
+        g_s = torch.autograd.grad(y_s, [*xs, *a_s, *b_s], dys)
+        with torch.no_grad():
+            y_t = mixed()
+            for a in range(n):
+                blk = slice(a * r, (a + 1) * r)
+                worst("y, dropout off", rel_err(y_m[:, a:a + 1], y_s[a]))
+                worst("dx, dropout off", rel_err(g_m[0][:, a:a + 1], g_s[a]))
+                worst("dA, dropout off", rel_err(g_m[1][blk], g_s[n + a]))
+                worst("dB, dropout off", rel_err(g_m[2][:, blk], g_s[2 * n + a]))
+                worst("y, dropout on, vs each adapter alone on the batch", rel_err(y_t[:, a], alone(a, x)[:, a]))
+        return errs
+
+    return Built(x, sh.dy, [w, a_all, b_all, *a_s, *b_s], [x, a_all, b_all, *xs, *a_s, *b_s], {
+        "base": lambda: base_parallel_linear(x, w, kind=case.kind, **common),
+        "mixed": mixed,
+        "sequential": sequential,
+    }, be, dy_for={"sequential": dys}, verify=verify, gemm={
+        "mixed": [(dtype, lora_dtype, loc["n"], loc["k"], n * r, loc["rows"])],
+        "sequential": [(dtype, lora_dtype, loc["n"], loc["k"], r, loc["rows"] // n)] * n})
 
 
 def build(case: Case, *, group, device, backend: str, rank: int = 0, ref_dropout: str = "bernoulli",
@@ -326,7 +494,8 @@ def build(case: Case, *, group, device, backend: str, rank: int = 0, ref_dropout
         group: the TP process group (None when emulated or t = 1 without one).
         device: torch device of this rank.
         rank: this rank in the group (0 when emulated: rank 0's shard shapes).
-        backend: the fused path's backend (``"auto"``, ``"triton"``, ``"interpret"``, ``"torch"``).
+        backend: the fused path's backend (``"auto"``, ``"triton"``, ``"cublas"``, ``"interpret"``, ``"torch"``),
+            passed to its calls as given.
         ref_dropout: the reference's dropout, ``"bernoulli"`` (nn.Dropout, what PEFT runs) or
             ``"philox"`` (the package's mask, bit-comparable with the fused path).
         lora_dtype: torch dtype of the fused path's A and B.
@@ -345,15 +514,17 @@ def build(case: Case, *, group, device, backend: str, rank: int = 0, ref_dropout
     import torch
 
     dtype = getattr(torch, DTYPES[case.dtype])
-    return KINDS[case.kind](case, group=group, rank=rank, device=torch.device(device), backend=backend,
-                            ref_dropout=ref_dropout, lora_dtype=lora_dtype or dtype, seed=seed, peft=peft)
+    builder = _build_multi if case.adapters > 1 else _build
+    return builder(case, group=group, rank=rank, device=torch.device(device), backend=backend,
+                   ref_dropout=ref_dropout, lora_dtype=lora_dtype or dtype, seed=seed, peft=peft)
 
 
 def matrix(*, kinds: Iterable[str], tps: Iterable[int], sps: Iterable[bool], tokens: int, d_in: int, d_out: int,
-           r: int, ps: Iterable[float], dtype: str, emulate: bool = False) -> list[Case]:
+           r: int, ps: Iterable[float], dtype: str, emulate: bool = False, adapters: int = 1) -> list[Case]:
     """Every combination, skipping SP at t = 1 (and when emulated: one device has no SP).
 
-    Cases are ordered by TP size first, so each TP size's ranks are spawned once.
+    Cases are ordered by TP size first, so each TP size's ranks are spawned once. ``adapters``
+    > 1 makes multi-adapter cases (``Case.adapters``).
 
     Example:
         >>> len(matrix(kinds=["column", "row"], tps=[1, 2], sps=[False, True], tokens=64, d_in=64,
@@ -367,5 +538,6 @@ def matrix(*, kinds: Iterable[str], tps: Iterable[int], sps: Iterable[bool], tok
                 if sp and (tp == 1 or emulate):
                     continue
                 for p in ps:
-                    out.append(Case(kind, tp, sp, tokens, d_in, d_out, r, p, dtype, emulated=emulate and tp > 1))
+                    out.append(Case(kind, tp, sp, tokens, d_in, d_out, r, p, dtype, emulated=emulate and tp > 1,
+                                    adapters=adapters))
     return out

@@ -2,7 +2,8 @@
 
 Ratios are taken between contenders of the same case on medians: ``overhead_pct`` of LoRA over
 the frozen base, ``t / t_base - 1``; the fused path's ``speedup_vs_reference`` and
-``speedup_vs_peft``, ``t_other / t_fused``. ``targets`` judges what a run can judge: the
+``speedup_vs_peft``, ``t_other / t_fused``; in a multi-adapter case, the mixed call's
+``speedup_vs_sequential``, ``t_sequential / t_mixed``. ``targets`` judges what a run can judge: the
 structural targets (no added collective, nothing saved beyond x, u and the seed) anywhere, the
 GPU speed targets (``GPU_TARGETS``) only on a triton run; a CPU run reports its times for
 information, with what they mean (``CPU_TIMES_MEAN``).
@@ -23,8 +24,9 @@ from pathlib import Path
 
 from .cases import DESCRIBE, ELEM, Case
 
-__all__ = ["CPU_TIMES_MEAN", "GPU_TARGETS", "collect_meta", "derive", "format_legend", "format_table",
-           "format_targets", "plot", "plot_title", "targets", "write_csv", "write_json"]
+__all__ = ["CPU_TIMES_MEAN", "GPU_TARGETS", "collect_meta", "derive", "format_backends", "format_legend",
+           "format_multi", "format_table", "format_targets", "plot", "plot_title", "targets", "write_csv",
+           "write_json"]
 
 _PHASES = ("fwd", "fwd_bwd")
 _MIB = 1 << 20
@@ -58,13 +60,18 @@ def _median(rec: dict, ph: str) -> float:
     return rec[f"{ph}_ms"]["median"]
 
 
+# The contenders each fused contender is compared with (the first: also its saved-bytes ratio).
+_VERSUS = {"fused": ("reference", "peft"), "mixed": ("sequential",)}
+
+
 def derive(records: list[dict]) -> list[dict]:
     """Add per-case ratios to every record, in place, and return the list.
 
     Adds ``overhead_pct_{fwd,fwd_bwd}`` (LoRA contenders, over base), the fused path's
     ``speedup_vs_{reference,peft}_{fwd,fwd_bwd}`` (``t_other / t_fused``) and
-    ``saved_ratio_vs_reference``, and ``lora_collectives_{fwd,bwd}`` (collectives beyond the
-    base's; None when not measured).
+    ``saved_ratio_vs_reference``, the mixed call's ``speedup_vs_sequential_{fwd,fwd_bwd}``
+    (``t_sequential / t_mixed``) and ``saved_ratio_vs_sequential``, and
+    ``lora_collectives_{fwd,bwd}`` (collectives beyond the base's; None when not measured).
 
     Example:
         >>> derive([])
@@ -78,13 +85,13 @@ def derive(records: list[dict]) -> list[dict]:
                 if name != "base" and base:
                     tb = _median(base, ph)
                     rec[f"overhead_pct_{ph}"] = 100.0 * (t / tb - 1.0) if tb > 0 else None
-                if name == "fused":
-                    for other in ("reference", "peft"):
-                        if other in group:
-                            rec[f"speedup_vs_{other}_{ph}"] = _median(group[other], ph) / t if t > 0 else None
-            if name == "fused" and "reference" in group:
-                rs = group["reference"]["saved_bytes"]
-                rec["saved_ratio_vs_reference"] = rec["saved_bytes"] / rs if rs else None
+                for other in _VERSUS.get(name, ()):
+                    if other in group:
+                        rec[f"speedup_vs_{other}_{ph}"] = _median(group[other], ph) / t if t > 0 else None
+            other = _VERSUS.get(name, ("",))[0]
+            if other in group:
+                rs = group[other]["saved_bytes"]
+                rec[f"saved_ratio_vs_{other}"] = rec["saved_bytes"] / rs if rs else None
             if name != "base" and base:
                 for ph in ("fwd", "bwd"):
                     a, b = _coll_total(rec, ph), _coll_total(base, ph)
@@ -262,7 +269,8 @@ def format_legend(records: list[dict]) -> str:
         >>> format_legend([]).splitlines()[0]
         'Legend:'
     """
-    lines = ["Legend:"] + [f"  {n:<15} {d}" for n, d in DESCRIBE.items()] + [_LEGEND]
+    present = {r["contender"] for r in records}
+    lines = ["Legend:"] + [f"  {n:<15} {d}" for n, d in DESCRIBE.items() if n in present or not records] + [_LEGEND]
     skipped: dict[str, list[str]] = defaultdict(list)
     for label, group in _by_case(records).items():
         why = next(iter(group.values())).get("peft_skipped")
@@ -270,6 +278,74 @@ def format_legend(records: list[dict]) -> str:
             skipped[why].append(label)
     for why, labels in skipped.items():
         lines.append(f"  peft not run in {len(labels)} case(s) ({', '.join(labels)}): {why}")
+    return "\n".join(lines)
+
+
+def _coll_short(rec: dict) -> str:
+    c = rec.get("collectives", {})
+    if not c.get("measured"):
+        return "not measured"
+    return f"{c['fwd']['count']}+{c['bwd']['count']} ({(c['fwd']['bytes'] + c['bwd']['bytes']) / _MIB:.2f})"
+
+
+MULTI_MEANS = """\
+  mixed runs one n·r-wide LoRA (the other adapters' columns gated to 0) and one per-row dropout mask over
+  the whole batch, with the base layer's collectives once; sequential runs n single-adapter calls on 1/n
+  of the rows each: n times the collectives (each 1/n the size) and n times every per-call cost."""
+
+
+def format_multi(records: list[dict]) -> str:
+    """The multi-adapter cases: mixed against sequential (fwd+bwd medians, their ratio, collectives, saved bytes).
+
+    Returns "" when no multi-adapter case ran.
+
+    Example:
+        >>> format_multi([])
+        ''
+    """
+    rows = []
+    for label, group in _by_case(records).items():
+        m, q, b = group.get("mixed"), group.get("sequential"), group.get("base")
+        if m is None or q is None or b is None:
+            continue
+        ratio = _pair(m, "speedup_vs_sequential", lambda v: f"{v:.2f}x")
+        rows.append(f"  {label:<34} {_median(b, 'fwd_bwd'):9.3f} {_median(m, 'fwd_bwd'):9.3f} "
+                    f"{_median(q, 'fwd_bwd'):9.3f} {ratio:>13}  {_coll_short(m):>14} {_coll_short(q):>14} "
+                    f"{m['saved_bytes'] / _MIB:8.2f} {q['saved_bytes'] / _MIB:8.2f}  {m['backend']}/{q['backend']}")
+    if not rows:
+        return ""
+    head = (f"  {'case':<34} {'base ms':>9} {'mixed ms':>9} {'seq ms':>9} {'seq/mix f/fb':>13}  "
+            f"{'coll mixed':>14} {'coll seq':>14} {'saved mx':>8} {'saved sq':>8}  backend mixed/seq")
+    return "\n".join(["Multi-adapter cases (fwd+bwd medians; seq/mix > 1: the mixed call is faster; collectives "
+                      "f+b count (MiB); saved MiB)", head, *rows, MULTI_MEANS])
+
+
+def format_backends(meta: dict, records: list[dict]) -> str:
+    """Which backend the LoRA contenders ran on, per case, and (CUDA, ``auto``) ``ops.select``'s choices.
+
+    Example:
+        >>> format_backends({}, [{"label": "c", "contender": "fused", "backend": "torch"}])
+        'Backend that ran: torch in every case'
+    """
+    ran: dict[str, set] = defaultdict(set)
+    for r in records:
+        if r["contender"] in _VERSUS or r["contender"] == "sequential":
+            ran[r["label"]].add(r["backend"])
+    kinds = {b for v in ran.values() for b in v}
+    if len(kinds) == 1:
+        lines = [f"Backend that ran: {kinds.pop()} in every case"]
+    else:
+        lines = ["Backend that ran, per case:"] + [f"  {label}: {', '.join(sorted(v))}" for label, v in ran.items()]
+    decisions = meta.get("gemm_decisions")
+    if decisions:
+        lines.append("GEMM path chosen per layer shape (tplora_kernels.ops.select, backend auto; median s of "
+                     "linear_fwd + linear_dx):")
+        for world, dec in decisions.items():
+            for key, d in dec.items():
+                times = ", ".join(f"{n} {1e3 * t:.3f} ms" for n, t in d.get("seconds", {}).items())
+                lines.append(f"  {world} {key}: {d['choice']}" + (f" ({times})" if times else ""))
+    elif meta.get("device") == "cuda":
+        lines.append("GEMM path: no ops.select decision (an explicit --backend, or TPLORA_GEMM set)")
     return "\n".join(lines)
 
 

@@ -6,7 +6,12 @@ t GPUs, t ranks on NCCL; on CUDA with fewer, one process times each rank's shard
 (``Case.emulated``) and collectives are "not measured". Rank 0 streams progress and results
 back through a queue, so the parent owns the progress bar.
 
-Rank side, per case and per contender (``base``, ``reference``, ``peft`` where it runs, ``fused``):
+Rank side, per case: first the answers are checked (single-adapter: the fused forward and PEFT's
+layer against the reference, recorded; multi-adapter: ``mixed`` against ``sequential`` and each
+adapter alone, and a disagreement stops the run before anything is timed); after the warm-up, the
+backend each LoRA contender ran on is asked of the package with its calls' GEMM keys. Then per
+contender (``base``, ``reference``, ``peft`` where it runs, ``fused``; or ``base``, ``mixed``,
+``sequential``):
 
 1. **One instrumented forward + backward**, not timed:
 
@@ -47,7 +52,7 @@ from datetime import timedelta
 from . import peft_layer
 from .cases import DTYPES, SCALE, Case, build, min_bytes, model_flops, roofline_ms
 
-__all__ = ["RunConfig", "count_collectives", "quantiles", "run_cases"]
+__all__ = ["RunConfig", "agree_bar", "count_collectives", "quantiles", "run_cases"]
 
 # torch.distributed collectives the wrapper records. Each is patched on the torch.distributed
 # namespace only: c10d's internal calls between them go through its own module globals, so a
@@ -66,7 +71,7 @@ class RunConfig:
 
     Attributes:
         device: ``"cpu"`` or ``"cuda"``.
-        backend: the fused path's backend: ``"auto"``, ``"triton"``, ``"interpret"``, ``"torch"``.
+        backend: the fused path's backend: ``"auto"``, ``"triton"``, ``"cublas"``, ``"interpret"``, ``"torch"``.
         warmup: untimed repetitions first (CPU / multi-GPU loop).
         reps: timed repetitions (CPU / multi-GPU loop).
         ref_dropout: the reference's dropout, ``"bernoulli"`` or ``"philox"``.
@@ -224,6 +229,13 @@ def _quiet_stderr():
         os.close(saved)
 
 
+def _backward(built, name: str, y) -> None:
+    """Backward of contender ``name``'s output (a tuple of outputs: one backward over all of them)."""
+    import torch
+
+    torch.autograd.backward(y, built.dy_for.get(name, built.dy))
+
+
 def _reset_grads(built) -> None:
     for t in built.grads:
         t.grad = None
@@ -265,7 +277,7 @@ def _measure_pass(built, name: str, device, measure_collectives: bool) -> dict:
                     held_cuda = torch.cuda.memory_allocated() - start
             phase[0] = "bwd"
             with record_function("bench::bwd"):
-                y.backward(built.dy)
+                _backward(built, name, y)
                 if cuda:
                     torch.cuda.synchronize()
     finally:
@@ -344,7 +356,7 @@ def _time_loop(built, names, world: int, cfg: RunConfig, device) -> dict:
                 t0 = time.perf_counter()
                 y = fn()
                 if ph == "fwd_bwd":
-                    y.backward(built.dy)
+                    _backward(built, n, y)
                 sync()
                 dt = time.perf_counter() - t0
                 del y
@@ -364,7 +376,7 @@ def _do_bench(built, names, cfg: RunConfig) -> dict:
         fn = built.contenders[n]
         out[(n, "fwd")] = do_bench(lambda fn=fn: fn(), warmup=w, rep=r, quantiles=[0.5, 0.2, 0.8],
                                    grad_to_none=built.grads)
-        out[(n, "fwd_bwd")] = do_bench(lambda fn=fn: fn().backward(built.dy), warmup=w, rep=r,
+        out[(n, "fwd_bwd")] = do_bench(lambda fn=fn, n=n: _backward(built, n, fn()), warmup=w, rep=r,
                                        quantiles=[0.5, 0.2, 0.8], grad_to_none=built.grads)
     _reset_grads(built)
     return {k: {"median": v[0], "p20": v[1], "p80": v[2]} for k, v in out.items()}
@@ -431,6 +443,10 @@ def _rank_body(rank: int, world: int, port: int, cfg: RunConfig, cases: list[Cas
     try:
         for ci, case in enumerate(cases):
             _case(rank, world, ci, case, cfg, device, group, lora_dtype, queue)
+        if rank == 0 and device.type == "cuda":
+            from tplora_kernels.ops import select
+
+            queue.put(("decisions", world, None, select.decisions()))
     finally:
         if peft:
             peft_layer.shutdown_parallel_state()
@@ -452,6 +468,53 @@ def _gather_max(obj, world: int):
     return [max(vals) for vals in zip(*objs)]
 
 
+# A multi-adapter case's mixed and sequential contenders run the same math in the same dtype: in
+# fp32 they differ by summation order only (the test suite's fp32 bar); a 16-bit result by its
+# rounding, at most half an ulp of the largest value on each side.
+_AGREE_FP32 = 1e-5
+
+
+def agree_bar(dtype: str) -> float:
+    """The largest relative error at which two contenders' answers in ``dtype`` still agree.
+
+    Example:
+        >>> agree_bar("fp32"), agree_bar("bf16")
+        (1e-05, 0.0078125)
+    """
+    import torch
+
+    return _AGREE_FP32 if dtype == "fp32" else float(torch.finfo(getattr(torch, DTYPES[dtype])).eps)
+
+
+def _verify(built, case: Case, world: int) -> dict[str, float]:
+    """Run the case's own checks on every rank; raise on every rank alike if any exceeds ``agree_bar``."""
+    errs = _gather_max(built.verify(), world)
+    bar = agree_bar(case.dtype)
+    bad = {k: v for k, v in errs.items() if not v <= bar}
+    if bad:
+        raise RuntimeError(f"{case.label}: the contenders disagree, so nothing is timed: "
+                           + "; ".join(f"{k}: rel err {v:.2e} > {bar:.1e}" for k, v in bad.items()))
+    return errs
+
+
+def _backends_ran(built, backend: str, device, group) -> dict[str, str]:
+    """The backend each LoRA contender's calls ran on, asked of the package with each call's GEMM key.
+
+    On CUDA with ``auto`` that is ``ops.select``'s cached choice for the shape, made by the
+    warm-up's first call. A key no call made would start a new measurement: the bench's key
+    would then not be the package's, so that is an error, not a guess.
+    """
+    from tplora_kernels.backends import get_backend
+    from tplora_kernels.ops import select
+
+    before = len(select.decisions())
+    ran = {n: ",".join(sorted({get_backend(device, backend, gemm=(*key, group)).name for key in keys}))
+           for n, keys in built.gemm.items()}
+    if len(select.decisions()) != before:
+        raise RuntimeError(f"bench: GEMM keys {built.gemm} were not the package's (a new ops.select decision)")
+    return ran
+
+
 def _case(rank, world, ci, case: Case, cfg: RunConfig, device, group, lora_dtype, queue) -> None:
     import torch
 
@@ -464,13 +527,17 @@ def _case(rank, world, ci, case: Case, cfg: RunConfig, device, group, lora_dtype
                   backend=cfg.backend, ref_dropout=cfg.ref_dropout, lora_dtype=lora_dtype, seed=1000 + ci,
                   peft=cfg.peft)
     names = list(built.contenders)
-    checks = _checks(built, case, None if case.emulated else group)
+    if built.verify is not None:
+        agreed, checks = _verify(built, case, world), {}
+    else:
+        agreed, checks = None, _checks(built, case, None if case.emulated else group)
     say("warm-up")
     # One untimed forward + backward each first: autotuning, lazy initialisation and first-touch
     # allocations must not land in the instrumented pass's memory figures.
     for n in names:
-        built.contenders[n]().backward(built.dy)
+        _backward(built, n, built.contenders[n]())
     _reset_grads(built)
+    ran = _backends_ran(built, cfg.backend, device, None if case.emulated else group)
     say("instrumented pass")
     measured = {}
     for n in names:
@@ -494,7 +561,8 @@ def _case(rank, world, ci, case: Case, cfg: RunConfig, device, group, lora_dtype
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     recs = []
     for n in names:
-        rec = {"case": case.as_dict(), "label": case.label, "contender": n, "backend": built.backend,
+        rec = {"case": case.as_dict(), "label": case.label, "contender": n,
+               "backend": ran.get(n, next(iter(ran.values()), built.backend)),
                "device": dev_name, "ranks": world, "timer": timer, "peft_skipped": built.peft_skipped,
                "threads_per_rank": torch.get_num_threads() if device.type == "cpu" else None}
         for ph in ("fwd", "fwd_bwd"):
@@ -513,6 +581,10 @@ def _case(rank, world, ci, case: Case, cfg: RunConfig, device, group, lora_dtype
         rec.update(measured[n])
         if n in checks:
             rec["check_rel_err_vs_reference"] = checks[n]
+        if n in built.gemm:
+            rec["gemm_shapes"] = sorted({f"N={k[2]} K={k[3]} r={k[4]} T={k[5]}" for k in built.gemm[n]})
+        if n == "mixed" and agreed is not None:
+            rec["checks_vs_sequential"], rec["check_bar"] = agreed, agree_bar(case.dtype)
         recs.append(rec)
     queue.put(("done", ci, case.label, recs))
 
@@ -532,7 +604,7 @@ def _world_of(case: Case, cfg: RunConfig) -> int:
     return case.tp
 
 
-def run_cases(cases: list[Case], cfg: RunConfig, on_event=None) -> list[dict]:
+def run_cases(cases: list[Case], cfg: RunConfig, on_event=None, info: dict | None = None) -> list[dict]:
     """Run ``cases`` on spawned ranks and return one record per (case, contender).
 
     Args:
@@ -541,6 +613,8 @@ def run_cases(cases: list[Case], cfg: RunConfig, on_event=None) -> list[dict]:
         on_event: optional callback ``(kind, case_index, label, payload)`` with kind ``"stage"``
             (payload: what is running) or ``"done"`` (payload: the case's records); indices count
             over ``cases``.
+        info: filled, on CUDA, with ``gemm_decisions``: ``{"world=t": ops.select.decisions()}`` of
+            each group of ranks' rank 0 (the per-shape choice between triton and cublas, and its times).
 
     Returns:
         The records, in case order.
@@ -570,6 +644,10 @@ def run_cases(cases: list[Case], cfg: RunConfig, on_event=None) -> list[dict]:
                 kind = msg[0]
                 if kind == "error":
                     errors.append(f"rank {msg[1]}:\n{msg[2]}")
+                    continue
+                if kind == "decisions":
+                    if info is not None:
+                        info.setdefault("gemm_decisions", {})[f"world={msg[1]}"] = msg[3]
                     continue
                 _, local, label, payload = msg
                 if kind == "done":

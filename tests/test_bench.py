@@ -5,6 +5,11 @@ show: the fused path runs exactly the base layer's collectives in every mode and
 unfused reference and PEFT's own LoraParallelLinear add one wherever LoRA needs a reduction of its
 own. It also checks what the output says: structural verdicts met, the GPU speed targets not
 judged on CPU, a legend for the table, and no progress bar when nobody watches a terminal.
+
+The same run has the multi-adapter cases (``--multi on``): 4 adapters in one mixed call against
+one call per adapter, whose answers must agree before anything is timed, and whose collectives
+and saved bytes follow from the design (the mixed call: the base layer's collectives, n·r wide;
+sequential: n times as many, each 1/n the rows).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def bench_run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench")
     # Pipes, not a terminal: the progress must come as plain lines, without a bar.
-    proc = _bench("--quick", "--tp", "1,2", "--backend", "torch", "--out-dir", str(out))
+    proc = _bench("--quick", "--tp", "1,2", "--backend", "torch", "--multi", "on", "--out-dir", str(out))
     assert proc.returncode == 0, f"bench failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     data = json.loads((out / "bench.json").read_text())
     return {"data": data, "dir": out, "stdout": proc.stdout, "stderr": proc.stderr}
@@ -48,11 +53,17 @@ def bench_json(bench_run) -> dict:
     return bench_run["data"]
 
 
-def _trios(data: dict) -> dict[str, dict[str, dict]]:
+def _groups(data: dict, multi: bool = False) -> dict[str, dict[str, dict]]:
+    """``{label: {contender: record}}`` of the single-adapter cases (or of the multi-adapter ones)."""
     out: dict[str, dict[str, dict]] = {}
     for r in data["results"]:
-        out.setdefault(r["label"], {})[r["contender"]] = r
+        if (r["case"]["adapters"] > 1) == multi:
+            out.setdefault(r["label"], {})[r["contender"]] = r
     return out
+
+
+def _trios(data: dict) -> dict[str, dict[str, dict]]:
+    return _groups(data)
 
 
 def test_meta_fields(bench_json):
@@ -138,7 +149,10 @@ def test_output_says_what_cpu_numbers_mean(bench_run):
     assert "MISSED" not in out, f"a CPU run reports a missed target:\n{out[-4000:]}"
     assert "\r" not in out + err, "carriage returns (a progress bar) in output that is not a terminal"
     done = [ln for ln in err.splitlines() if ln.startswith("[") and " done (" in ln]
-    assert len(done) == len(_trios(bench_run["data"])), f"one progress line per case expected, got {done}"
+    cases = len(_groups(bench_run["data"])) + len(_groups(bench_run["data"], multi=True))
+    assert len(done) == cases, f"one progress line per case ({cases}) expected, got {done}"
+    for line in ("Multi-adapter cases", "seq/mix f/fb", "Backend that ran: torch in every case"):
+        assert line in out, f"stdout lacks {line!r}:\n{out[-4000:]}"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -159,6 +173,10 @@ def test_output_says_what_cpu_numbers_mean(bench_run):
     (["--tp", "3"], "must divide by tp=3"),
     (["--tp", "2", "--sp", "on", "--tokens", "1023", "--in", "64", "--out", "64"], "--tokens 1023 divisible by tp=2"),
     (["--backend", "triton", "--device", "cpu"], "--backend triton needs CUDA"),
+    (["--adapters", "1"], "--adapters must be >= 2, got 1"),
+    (["--multi", "only", "--tp", "1", "--tokens", "66"], "--tokens 66 must divide by 4 (the 4 samples"),
+    (["--multi", "only", "--tp", "2", "--tokens", "36"], "--tokens 36 must divide by 8 (the 4 samples of the "
+                                                          "multi-adapter case times tp=2 under SP)"),
 ])
 def test_bad_options_fail_up_front(args, message, capsys, monkeypatch):
     """A bad value is one argparse-style line (exit status 2) before any rank starts."""
@@ -253,3 +271,164 @@ def test_duration_stated_alike_in_help_readme_and_notes():
              "bench/NOTES.md": " ".join((ROOT / "bench" / "NOTES.md").read_text().split())}
     missing = [name for name, text in texts.items() if phrase not in text]
     assert not missing, f"{missing} do not state the default run's duration as {phrase!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-adapter cases: mixed (one call, an AdapterMix) against sequential (one call per adapter)
+# ---------------------------------------------------------------------------------------------
+MULTI_CHECKS = {"y, dropout off", "dx, dropout off", "dA, dropout off", "dB, dropout off",
+                "y, dropout on, vs each adapter alone on the batch"}
+
+
+def test_multi_adapter_mixed_agrees_with_sequential_and_counts(bench_json):
+    from bench.cases import Case
+
+    multis = _groups(bench_json, multi=True)
+    modes = sorted((c["kind"], c["tp"], c["sp"]) for c in (g["base"]["case"] for g in multis.values()))
+    want = sorted([(k, 1, False) for k in ("column", "row")] + [(k, 2, sp) for k in ("column", "row")
+                                                                for sp in (False, True)])
+    assert modes == want, f"multi-adapter cases run in modes {modes}, expected {want}"
+    for label, g in multis.items():
+        assert list(g) == ["base", "mixed", "sequential"], f"{label}: contenders {list(g)}"
+        b, m, q = g["base"], g["mixed"], g["sequential"]
+        case = b["case"]
+        n, r, loc = case["adapters"], case["r"], Case(**case).local
+        checks, bar = m["checks_vs_sequential"], m["check_bar"]
+        assert set(checks) == MULTI_CHECKS and bar == 1e-5, f"{label}: checks {sorted(checks)}, bar {bar}"
+        worst = max(checks, key=checks.get)
+        assert checks[worst] <= bar, f"{label}: mixed vs sequential {worst}: rel err {checks[worst]:.2e} > {bar:.0e}"
+        for ph in ("fwd", "fwd_bwd"):
+            ratio, t_m, t_q = m[f"speedup_vs_sequential_{ph}"], m[f"{ph}_ms"]["median"], q[f"{ph}_ms"]["median"]
+            assert abs(ratio - t_q / t_m) < 1e-9, f"{label} {ph}: sequential/mixed {ratio} != {t_q} / {t_m}"
+        assert m["gemm_shapes"] == [f"N={loc['n']} K={loc['k']} r={n * r} T={case['tokens']}"], \
+            f"{label}: mixed GEMM shapes {m['gemm_shapes']}"
+        assert q["gemm_shapes"] == [f"N={loc['n']} K={loc['k']} r={r} T={case['tokens'] // n}"], \
+            f"{label}: sequential GEMM shapes {q['gemm_shapes']}"
+        assert m["backend"] == q["backend"] == "torch", f"{label}: backends {m['backend']}, {q['backend']}"
+        # Collectives: mixed runs the base layer's, n·r columns wider wherever u rides along;
+        # sequential runs them once per adapter on 1/n of the rows.
+        for rec in (b, m, q):
+            c = rec["collectives"]
+            assert c["measured"] and c["count_check"] == "ok", f"{label} {rec['contender']}: {c}"
+        for ph in ("fwd", "bwd"):
+            cb, cm, cq = (rec["collectives"][ph] for rec in (b, m, q))
+            assert (cm["count"], cq["count"]) == (cb["count"], n * cb["count"]), \
+                f"{label} {ph}: collectives base {cb['count']}, mixed {cm['count']}, sequential {cq['count']}"
+            assert cm["bytes"] - cb["bytes"] == n * (cq["bytes"] - cb["bytes"]), \
+                f"{label} {ph}: bytes base {cb['bytes']}, mixed {cm['bytes']}, sequential {cq['bytes']}"
+        if case["tp"] > 1:
+            assert b["collectives"]["fwd"]["count"] + b["collectives"]["bwd"]["count"] > 0, f"{label}: none counted"
+        # Saved: both keep all of x; mixed keeps one n·r-wide u, sequential n r-wide ones of 1/n the rows.
+        x_bytes = loc["rows_in"] * loc["k"] * 4
+        bound = x_bytes + case["tokens"] * n * r * 4 + 64
+        assert x_bytes <= q["saved_bytes"] < m["saved_bytes"] <= bound, \
+            f"{label}: saved sequential {q['saved_bytes']} B, mixed {m['saved_bytes']} B; x {x_bytes} B, " \
+            f"bound {bound} B"
+
+
+def test_multi_check_refuses_to_time_a_wrong_answer():
+    """One adapter's B changed in the mixed call only: every check that depends on B fails, and nothing is timed."""
+    import torch
+
+    from bench.cases import Case, build
+    from bench.runner import _verify
+
+    case = Case("column", 1, False, 32, 16, 24, 4, 0.1, "fp32", adapters=4)
+    built = build(case, group=None, device="cpu", backend="torch")
+    errs = _verify(built, case, world=1)
+    assert set(errs) == MULTI_CHECKS and max(errs.values()) <= 1e-5, f"unchanged factors: {errs}"
+    b_all = built.params[2]
+    assert b_all.shape == (24, 16), f"params[2] is not the stacked B: {tuple(b_all.shape)}"
+    with torch.no_grad():
+        b_all[:, 4:8] *= 1.01  # adapter 1's block
+    with pytest.raises(RuntimeError, match="disagree, so nothing is timed") as exc:
+        _verify(built, case, world=1)
+    msg = str(exc.value)
+    for name in MULTI_CHECKS - {"dB, dropout off"}:  # dB = s·dyᵀu does not read B
+        assert f"{name}: rel err" in msg, f"{name!r} not reported: {msg}"
+    assert "dB, dropout off: rel err" not in msg, f"dB reported though B does not enter it: {msg}"
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_every_rank_holds_its_piece_of_one_layer(kind):
+    """The shards of TP 2 with SP, joined as the docstring's table says, are the TP 1 tensors."""
+    import torch
+
+    from bench.cases import Case, _tensors
+
+    def tensors(tp, rank):
+        case = Case(kind, tp, tp > 1, 8, 16, 24, 4, 0.0, "fp32", adapters=2)
+        return _tensors(case, rank, "cpu", torch.float32, seed=7)
+
+    full, parts = tensors(1, 0), [tensors(2, rank) for rank in (0, 1)]
+    # (x, W, dy, A, B): the dim each is split along over the ranks, None for replicated
+    dims = {"column": (0, 0, -1, None, 0), "row": (-1, 1, 0, 1, None)}[kind]
+
+    def pieces(s):
+        return (s.x, s.w, s.dy, *[f for ab in s.factors for f in ab])
+
+    names = ["x", "W", "dy"] + [f"{f}[{i}]" for i in range(2) for f in ("A", "B")]
+    for i, name in enumerate(names):
+        dim = dims[i] if i < 3 else dims[3 + (i - 3) % 2]
+        got = [pieces(p)[i] for p in parts]
+        joined = got[0] if dim is None else torch.cat(got, dim=dim)
+        if dim is None:
+            assert torch.equal(got[0], got[1]), f"{kind}: replicated {name} differs between ranks"
+        assert torch.equal(joined, pieces(full)[i]), f"{kind}: {name} joined along {dim} is not the TP 1 tensor"
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="cublas and interpret run on CPU under Triton's "
+                    "interpreter (tests/conftest.py sets it without CUDA)")
+@pytest.mark.parametrize("backend", ["cublas", "interpret", "torch"])
+def test_an_explicit_backend_is_the_one_that_runs(backend, monkeypatch):
+    """``--backend NAME`` reaches the fused call as given (its forward GEMM op is seen to run), and the
+    record names it."""
+    import torch
+
+    from bench.cases import Case, build, rel_err
+    from bench.runner import _backends_ran
+    from tplora_kernels.backends import get_backend
+
+    case = Case("row", 1, False, 16, 16, 16, 4, 0.1, "fp32")
+    want = build(case, group=None, device="cpu", backend="torch").contenders["fused"]().detach()
+    cls, calls = type(get_backend("cpu", backend)), []
+    real = cls.linear_fwd
+
+    def seen(self, *args, **kwargs):
+        calls.append(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "linear_fwd", seen)
+    built = build(case, group=None, device="cpu", backend=backend)
+    got = built.contenders["fused"]().detach()
+    assert calls == [backend], f"--backend {backend}: the fused forward ran linear_fwd of {calls}"
+    ran = _backends_ran(built, backend, torch.device("cpu"), None)
+    assert ran == {"fused": backend}, f"--backend {backend}: recorded {ran}"
+    err = rel_err(got, want)
+    assert err <= 1e-5, f"--backend {backend} vs torch: rel err {err:.2e} > 1e-05"
+
+
+def test_backends_and_gemm_decisions_are_reported():
+    from bench.report import format_backends
+
+    recs = [{"label": "column tp=1 sp=off p=0.1", "contender": "fused", "backend": "cublas"},
+            {"label": "column tp=1 sp=off p=0.1", "contender": "base", "backend": "cublas"},
+            {"label": "row tp=1 sp=off p=0.1", "contender": "fused", "backend": "triton"}]
+    key = "cuda:0 torch.bfloat16 lora=torch.bfloat16 N=4096 K=4096 r=16 T<=8192"
+    meta = {"device": "cuda", "gemm_decisions": {"world=1": {key: {"choice": "cublas",
+                                                                  "seconds": {"triton": 1.2e-3, "cublas": 1.1e-3}}}}}
+    text = format_backends(meta, recs)
+    for line in ("column tp=1 sp=off p=0.1: cublas", "row tp=1 sp=off p=0.1: triton",
+                 f"world=1 {key}: cublas (triton 1.200 ms, cublas 1.100 ms)"):
+        assert line in text, f"backends report lacks {line!r}:\n{text}"
+    text = format_backends({"device": "cuda", "gemm_decisions": {}}, recs)
+    assert "no ops.select decision" in text, f"an empty decision list is not said:\n{text}"
+
+
+@pytest.mark.parametrize("name", ["bench.cases", "bench.runner", "bench.report"])
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted and not result.failed, f"{name}: {result.failed} of {result.attempted} examples failed"
