@@ -198,7 +198,7 @@ def modules_mixed_vs_separate(ctx, sp: bool, assign: list[str]):
     y.backward(dy)
     errs = {}
     want_y = torch.zeros_like(y)
-    for name in NAMES + ("__base__",):
+    for name in (*NAMES, "__base__"):
         rows = [j for j, a in enumerate(assign) if a == name]
         alone = _model(ctx.group, t, sp)
         for _, m in lora_modules(alone):
