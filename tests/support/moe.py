@@ -394,6 +394,27 @@ def _state(model) -> dict:
     return dict(logits=G.full_logits(model), factors=factors_full(model), base=base_full(model))
 
 
+def check_sharding(model) -> None:
+    """megatron's sharding validation of ``model.sharded_state_dict()``, its verdict raised on every rank.
+
+    megatron validates on global rank 0 alone: a bad sharding raises there while the other ranks
+    go on into the save's next collective and wait for the process group to time out, which
+    leaves the world's later tasks out of step. Here every rank learns the verdict.
+    """
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
+    error = None
+    try:
+        save_preprocess(model.sharded_state_dict(), validate_access_integrity=True)
+    except Exception as e:  # raised on every rank below
+        error = f"{type(e).__name__}: {e}"
+    verdicts = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, error)
+    bad = [f"rank {r}: {v[:1500]}" for r, v in enumerate(verdicts) if v]
+    if bad:
+        raise AssertionError("megatron's sharding validation failed: " + "; ".join(bad))
+
+
 def ckpt_save_task(par: dict, path: str) -> dict:
     """Train the gated adapter one step, then write it with save_adapter and dist_checkpointing.
 
@@ -413,6 +434,7 @@ def ckpt_save_task(par: dict, path: str) -> dict:
             p.sub_(p.grad, alpha=G.LR)
     written = tplora_kernels.save_adapter(model, os.path.join(path, "peft"))
     os.makedirs(os.path.join(path, "dist"), exist_ok=True)
+    check_sharding(model)
     dist_checkpointing.save(model.sharded_state_dict(), os.path.join(path, "dist"))
     state = _state(model)
     _save_rank0(state, os.path.join(path, "state.pt"))
@@ -442,6 +464,7 @@ def ckpt_load_task(par: dict, path: str) -> dict:
     out["merged_logits"] = G.full_logits(model)
     model = adapt(build_moe(gated=True, seed=G.SEED + 20), CKPT_CASE, lora_seed=LORA_SEED + 21)
     out["dist_before"] = _state(model)
+    check_sharding(model)
     loaded = dist_checkpointing.load(model.sharded_state_dict(), os.path.join(path, "dist"))
     model.load_state_dict(loaded)
     out["dist"] = _state(model)
