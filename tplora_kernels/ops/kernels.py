@@ -90,9 +90,13 @@ def _keep8(seed, o_row, g0, BLOCK_N: tl.constexpr, THR):
 def _thr(p_rthr, o_row, PERIOD, THR: tl.constexpr, ROW_THR: tl.constexpr):
     """The threshold for global rows ``o_row``: the constexpr ``THR``, or (``ROW_THR``) each row's
     ``p_rthr[row % PERIOD]`` as ``[BM, 1]`` uint32 (one adapter per sample, each with its own p)."""
+    # One return statement: triton's compiler (not the interpreter) types every return of a
+    # function alike, and a [BM, 1] tensor beside a constexpr int fails the ROW_THR compile.
     if ROW_THR:
-        return tl.load(p_rthr + o_row % PERIOD).to(tl.uint32)[:, None]
-    return THR
+        thr = tl.load(p_rthr + o_row % PERIOD).to(tl.uint32)[:, None]
+    else:
+        thr = THR
+    return thr
 
 
 @triton.jit
@@ -207,8 +211,20 @@ def _lora_linear_fwd_kernel(
     m_m = o_m < T
     m_n = o_n < N
     m_r = o_r < R
+    # The LoRA term first: s·(u Bᵀ), an fp32 tile (s never rounds a low-precision one), seeds the
+    # accumulator of the K loop. Added after the loop instead, it would be a second BM x BN fp32
+    # tile live beside the accumulator, which at 128x256 (8 warps) or 128x128 (4 warps) is past
+    # sm_90's 255 registers: ptxas spills and serialises the wgmma pipeline (bench/NOTES.md).
+    o_um = _rows(o_m, RPC, s_uc, s_um)
+    b_u = tl.load(p_u + o_um[:, None] + o_r[None, :] * s_ur, mask=m_m[:, None] & m_r[None, :], other=0.0)
+    b_bt = tl.load(p_b + o_n[None, :] * s_bn + o_r[:, None] * s_br, mask=m_r[:, None] & m_n[None, :],
+                   other=0.0)
+    if INTERP_BF16:
+        acc = tl.dot(b_u.to(tl.float32), b_bt.to(tl.float32), input_precision=PRECISION)
+    else:
+        acc = tl.dot(b_u, b_bt.to(b_u.dtype), input_precision=PRECISION)
+    acc = acc * scale
     o_xm = _rows(o_m, RPC, s_xc, s_xm)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         m_k = o_k < K
@@ -219,17 +235,6 @@ def _lora_linear_fwd_kernel(
             acc = tl.dot(b_x.to(tl.float32), b_wt.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(b_x, b_wt, acc, input_precision=PRECISION)
-    # The LoRA term is one more r-wide step of the same K loop, kept in its own accumulator so
-    # that s multiplies fp32 values and never rounds a low-precision tile.
-    o_um = _rows(o_m, RPC, s_uc, s_um)
-    b_u = tl.load(p_u + o_um[:, None] + o_r[None, :] * s_ur, mask=m_m[:, None] & m_r[None, :], other=0.0)
-    b_bt = tl.load(p_b + o_n[None, :] * s_bn + o_r[:, None] * s_br, mask=m_r[:, None] & m_n[None, :],
-                   other=0.0)
-    if INTERP_BF16:
-        lora = tl.dot(b_u.to(tl.float32), b_bt.to(tl.float32), input_precision=PRECISION)
-    else:
-        lora = tl.dot(b_u, b_bt.to(b_u.dtype), input_precision=PRECISION)
-    acc += scale * lora
     if HAS_BIAS:
         acc += tl.load(p_bias + o_n * s_bias, mask=m_n, other=0.0).to(tl.float32)[None, :]
     o_om = _rows(o_m, RPC, s_oc, s_om)
@@ -325,8 +330,25 @@ def _lora_linear_dx_kernel(
     m_m = o_m < T
     m_k = o_k < K
     m_r = o_r < R
+    # Prologue: (du A) ⊙ M / (1-p) seeds the accumulator, for the same reason as in the forward,
+    # and so the mask's registers (Philox state, the keep tile) are dead before the main loop
+    # starts instead of live beside its accumulator. The mask is regenerated from (seed, row, col).
+    o_dum = _rows(o_m, RPC, s_duc, s_dum)
+    b_du = tl.load(p_du + o_dum[:, None] + o_r[None, :] * s_dur, mask=m_m[:, None] & m_r[None, :], other=0.0)
+    b_a = tl.load(p_a + o_r[:, None] * s_ar + o_k[None, :] * s_ak, mask=m_r[:, None] & m_k[None, :], other=0.0)
+    if INTERP_BF16:
+        acc = tl.dot(b_du.to(tl.float32), b_a.to(tl.float32), input_precision=PRECISION)
+    else:
+        acc = tl.dot(b_du, b_a.to(b_du.dtype), input_precision=PRECISION)
+    if HAS_DROPOUT:
+        seed = tl.load(p_seed)
+        thr = _thr(p_rthr, row0 + o_m, PERIOD, THR, ROW_THR)
+        if PACKED:
+            keep = _keep8(seed, row0 + o_m, (col0 + pid_k.to(tl.int64) * BLOCK_K) >> 3, BLOCK_K, thr)
+        else:
+            keep = _keep(seed, row0 + o_m, col0 + o_k, thr)
+        acc = acc * (keep.to(tl.float32) * inv_keep)
     o_dym = _rows(o_m, RPC, s_dyc, s_dym)
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < N
@@ -338,23 +360,6 @@ def _lora_linear_dx_kernel(
             acc = tl.dot(b_dy.to(tl.float32), b_w.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(b_dy, b_w, acc, input_precision=PRECISION)
-    o_dum = _rows(o_m, RPC, s_duc, s_dum)
-    b_du = tl.load(p_du + o_dum[:, None] + o_r[None, :] * s_dur, mask=m_m[:, None] & m_r[None, :], other=0.0)
-    b_a = tl.load(p_a + o_r[:, None] * s_ar + o_k[None, :] * s_ak, mask=m_r[:, None] & m_k[None, :], other=0.0)
-    if INTERP_BF16:
-        lora = tl.dot(b_du.to(tl.float32), b_a.to(tl.float32), input_precision=PRECISION)
-    else:
-        lora = tl.dot(b_du, b_a.to(b_du.dtype), input_precision=PRECISION)
-    if HAS_DROPOUT:
-        # The mask is regenerated here, in the epilogue, from the same (seed, row, col).
-        seed = tl.load(p_seed)
-        thr = _thr(p_rthr, row0 + o_m, PERIOD, THR, ROW_THR)
-        if PACKED:
-            keep = _keep8(seed, row0 + o_m, (col0 + pid_k.to(tl.int64) * BLOCK_K) >> 3, BLOCK_K, thr)
-        else:
-            keep = _keep(seed, row0 + o_m, col0 + o_k, thr)
-        lora = lora * (keep.to(tl.float32) * inv_keep)
-    acc += lora
     o_dxm = _rows(o_m, RPC, s_dxc, s_dxm)
     tl.store(p_dx + o_dxm[:, None] + o_k[None, :] * s_dxk, _cast_out(acc, p_dx, INTERP_BF16),
              mask=m_m[:, None] & m_k[None, :])

@@ -42,11 +42,28 @@ def _cfgs(tiles: list[dict], warps=(4, 8), stages=(3, 4)) -> list[triton.Config]
     return [triton.Config(t, num_warps=w, num_stages=s) for t in tiles for w in warps for s in stages]
 
 
-# Hopper habits: 128x128 tiles, grouped order, 3-4 stages. Keyed on model dims, never on T.
-_LINEAR_CONFIGS = _cfgs([{"BLOCK_M": 128, "BLOCK_N": 128}, {"BLOCK_M": 128, "BLOCK_N": 256},
-                         {"BLOCK_M": 64, "BLOCK_N": 128}, {"BLOCK_M": 128, "BLOCK_N": 64}])
-_DX_CONFIGS = _cfgs([{"BLOCK_M": 128, "BLOCK_K": 128}, {"BLOCK_M": 128, "BLOCK_K": 256},
-                     {"BLOCK_M": 64, "BLOCK_K": 128}, {"BLOCK_M": 128, "BLOCK_K": 64}])
+def _tiles(names: tuple[str, str], rows: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    return [triton.Config(dict(zip(names, (a, b))), num_warps=w, num_stages=s) for a, b, w, s in rows]
+
+
+# The GEMM tables are each config that compiles clean for sm_90a in bf16 and fp16 under triton
+# 3.6 and 3.9: no register spill, no wgmma serialisation (ptxas notes C751x), checked without a
+# GPU by tests/test_compile_sm90.py. (BLOCK_M, BLOCK_N, warps, stages); the first is Hopper's
+# 128x256x64 tile on 8 warps (two warpgroups, 128 fp32 accumulators per thread), which
+# TPLORA_AUTOTUNE=0 pins. 128x256 on 4 warps is absent: 256 accumulators per thread never fit.
+_LINEAR_CONFIGS = _tiles(("BLOCK_M", "BLOCK_N"), [
+    (128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4),
+    (128, 128, 4, 3), (128, 128, 4, 4), (64, 256, 8, 3), (64, 256, 4, 3),
+    (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 3), (128, 64, 4, 4),
+])
+# (BLOCK_M, BLOCK_K, warps, stages). dx holds at most 64 fp32 accumulators per thread: with
+# dropout, 128 per thread (128x256 on 8 warps, 128x128 on 4, 64x256 on 4) spills in the mask
+# prologue, where the tile round-trips through a blocked layout to meet the mask; 128x64 takes
+# 8 warps because on 4 the per-row thresholds (ROW_THR) tip it past 255 registers.
+_DX_CONFIGS = _tiles(("BLOCK_M", "BLOCK_K"), [
+    (128, 128, 8, 3), (128, 128, 8, 4), (64, 256, 8, 3), (64, 256, 8, 4),
+    (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+])
 # BLOCK_M=32 keeps >= 2 programs per SM at T=8192 for this memory-bound pass.
 _SHRINK_CONFIGS = _cfgs([{"BLOCK_M": 32}, {"BLOCK_M": 64}, {"BLOCK_M": 128}], warps=(4,))
 _SHRINK_BWD_CONFIGS = _cfgs([{"BLOCK_K": 64}, {"BLOCK_K": 128}], warps=(4,))
