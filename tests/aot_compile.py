@@ -214,6 +214,22 @@ def _parse_ptxas(log: str) -> dict:
             "c751x": sorted({c for c in notes if c.startswith("C751")}), "ptxas_notes": sorted(set(notes))}
 
 
+def _sass_counts(cubin: bytes) -> dict:
+    """SASS instruction counts (NOPs left out) from cuobjdump -sass, triton's own copy: the whole
+    kernel and its longest loop (the body of the longest backward branch, i.e. the main loop)."""
+    tool = os.path.join(os.path.dirname(_nvcc.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ins = [(int(a, 16), op) for a, op in re.findall(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", text, re.M)]
+    at = {a: i for i, (a, _) in enumerate(ins)}
+    real = [not op.endswith("NOP") for _, op in ins]
+    loops = [sum(real[at[t]:i + 1]) for i, (a, op) in enumerate(ins)
+             if (m := re.search(r"\bBRA (0x[0-9a-f]+)", op)) and (t := int(m.group(1), 16)) < a and t in at]
+    return {"sass": sum(real), "sass_loop": max(loops, default=0)}
+
+
 def _tiles(fn, cfg: triton.Config, consts: dict) -> str:
     # The kernel's own BLOCK_* order (dx tiles M, K, N); BLOCK_R is the LoRA rank, not a tile.
     dims = [n for n in fn.arg_names if n.startswith("BLOCK_") and n != "BLOCK_R"]
@@ -230,7 +246,7 @@ def _why(e: BaseException) -> str:
 
 
 def compile_one(job: tuple) -> dict:
-    kernel, dtype, p, flags, index, block_r, arch, dump = job
+    kernel, dtype, p, flags, index, block_r, arch, dump, sass = job
     fn_name, _, roles, _ = KERNELS[kernel]
     fn = _pick(_SOURCE, K, fn_name)
     configs = _configs(kernel, _SOURCE)
@@ -265,6 +281,8 @@ def compile_one(job: tuple) -> dict:
             with open(os.path.join(dump, f"{name}.{ext}"), "wb") as f:
                 f.write(data)
     target = re.search(r"^\.target (\S+)", ptx, re.M)
+    if sass:
+        res.update(_sass_counts(k.asm["cubin"]))
     return {**row, "ok": True, **res, "shared": k.metadata.shared, "ctas_per_sm": ctas, "occupancy_limit": limit,
             "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
             "cp_async": len(re.findall(r"cp\.async\.c[ag]\.", ptx)), "tma": ptx.count("cp.async.bulk.tensor"),
@@ -311,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank r (BLOCK_R = next power of two >= 16)")
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--dump", metavar="DIR", help="write each variant's .ptx and .cubin here")
+    ap.add_argument("--sass", action="store_true",
+                    help="also count SASS instructions (cuobjdump): the kernel's and its main loop's")
     ap.add_argument("--source", metavar="FILE", help="a module whose kernels / config tables replace the package's")
     args = ap.parse_args(argv)
     bad = [k for k in args.kernels if k not in KERNELS] + [d for d in args.dtypes if d not in DTYPES]
@@ -327,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in args.dtypes:
             for p in args.dropout if has_p else [0.0]:
                 for flags in _flag_sets(kernel, p, not args.no_flag_sweep):
-                    jobs += [(kernel, dtype, p, flags, i, args.rank, args.arch, args.dump) for i in indices]
+                    jobs += [(kernel, dtype, p, flags, i, args.rank, args.arch, args.dump, args.sass)
+                             for i in indices]
     cache_dir = tempfile.mkdtemp(prefix="tplora_aot_")
     t0 = time.time()
     rows = []

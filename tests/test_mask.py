@@ -52,7 +52,7 @@ def _keep_probe_kernel(p_seed, p_out, row0, col0, THR: tl.constexpr, BM: tl.cons
 
 
 @triton.jit
-def _philox_probe_kernel(p_seed, p_ctr, p_out, N: tl.constexpr):
+def _philox_probe_kernel(p_seed, p_ctr, p_out, N: tl.constexpr, ROUNDS: tl.constexpr):
     # triton.language.philox on counters p_ctr[4, N] (int64 holding uint32), words to p_out[4, N].
     seed = tl.load(p_seed)
     o = tl.arange(0, N)
@@ -60,7 +60,7 @@ def _philox_probe_kernel(p_seed, p_ctr, p_out, N: tl.constexpr):
     c1 = tl.load(p_ctr + N + o).to(tl.uint32)
     c2 = tl.load(p_ctr + 2 * N + o).to(tl.uint32)
     c3 = tl.load(p_ctr + 3 * N + o).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=10)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=ROUNDS)
     tl.store(p_out + o, w0.to(tl.int64))
     tl.store(p_out + N + o, w1.to(tl.int64))
     tl.store(p_out + 2 * N + o, w2.to(tl.int64))
@@ -166,9 +166,12 @@ def test_philox_matches_triton_philox(kernel_backend, seed):
     ctr[:, 1] = 2**32 - 1
     ctr[:, 2] = torch.tensor([1, 2**31, 2**32 - 2, 7])
     out = torch.full((4, n), -1, dtype=torch.int64, device=dev)
-    _philox_probe_kernel[(1,)](torch.tensor([seed], dtype=torch.int64, device=dev), ctr.to(dev), out, N=n)
-    want = torch.stack(torch.broadcast_tensors(*M.philox4x32(seed, *ctr)))
-    assert torch.equal(out.cpu(), want), f"philox4x32 != tl.philox for seed {seed:#x}: {_first_diff(out.cpu(), want)}"
+    for rounds in sorted({M.PHILOX_ROUNDS, 10}):
+        _philox_probe_kernel[(1,)](torch.tensor([seed], dtype=torch.int64, device=dev), ctr.to(dev), out, N=n,
+                                   ROUNDS=rounds)
+        want = torch.stack(torch.broadcast_tensors(*M.philox4x32(seed, *ctr, rounds=rounds)))
+        assert torch.equal(out.cpu(), want), (f"philox4x32-{rounds} != tl.philox for seed {seed:#x}: "
+                                              f"{_first_diff(out.cpu(), want)}")
 
 
 # Random123 (DEShawResearch/random123) tests/kat_vectors, the three "philox4x32 10" lines: counter, key -> output.
@@ -183,7 +186,7 @@ RANDOM123_KAT = [
 @pytest.mark.parametrize(("ctr", "key", "want"), RANDOM123_KAT, ids=["zeros", "ones", "pi"])
 def test_philox_random123_known_answers(ctr, key, want):
     seed = key[0] | key[1] << 32  # Triton's (and mask's) key: low word first
-    got = tuple(int(w) for w in M.philox4x32(seed, *(torch.tensor([c]) for c in ctr)))
+    got = tuple(int(w) for w in M.philox4x32(seed, *(torch.tensor([c]) for c in ctr), rounds=10))
     assert got == want, f"philox4x32-10{ctr} key {key}: {[hex(v) for v in got]} != Random123 {[hex(v) for v in want]}"
 
 

@@ -6,8 +6,11 @@ this module is the torch implementation of the same function, bit-identical to t
 
 The scheme, and why:
 
-* Counter-based Philox-4x32-10 (Salmon et al., SC'11), the generator behind ``tl.rand`` and
-  ``torch``'s CUDA RNG, keyed by the 64-bit seed. The counter is
+* Counter-based Philox-4x32 (Salmon et al., SC'11), the generator behind ``tl.rand`` and
+  ``torch``'s CUDA RNG, keyed by the 64-bit seed, with 7 rounds (``PHILOX_ROUNDS``) instead of
+  the usual 10: 7 is the fewest at which the paper finds Philox-4x32 passes all of TestU01's
+  BigCrush, and the rounds are most of the mask's cost on a GPU (six instructions per round
+  per 8 elements, against about four per element for the threshold test and the multiply). The counter is
   ``(col >> 3, row, row >> 32, col >> 35)`` so every (row, col) below 2^64 x 2^35 has its own
   counter: the mask cannot repeat or wrap for T·K up to 2^40 (or far beyond).
 * One Philox call yields 128 random bits, which we spend on **eight** consecutive columns at
@@ -39,7 +42,7 @@ __all__ = [
     "philox4x32",
 ]
 
-PHILOX_ROUNDS = 10  # Random123's default; 7 passes BigCrush, 10 keeps the usual safety margin.
+PHILOX_ROUNDS = 7  # BigCrush-clean (Salmon et al.); 30% fewer mask instructions than Random123's default 10.
 MASK_BITS = 16  # bits of randomness per element: 8 elements per 128-bit Philox output.
 _ONE = 1 << MASK_BITS
 

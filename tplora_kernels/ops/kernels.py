@@ -20,7 +20,7 @@ Conventions that every kernel shares:
   write ``z`` and ``u`` (or ``dX`` and ``du``) straight into the one buffer that the base layer's
   collective reduces, so LoRA adds no collective and no copy.
 * **Dropout in registers.** ``_keep8`` is the mask of ``tplora_kernels.mask``, bit for bit:
-  Philox-4x32-10 on counter ``(col >> 3, row, row >> 32, col >> 35)``, 16-bit lane ``col & 7``,
+  Philox-4x32-7 (``mask.PHILOX_ROUNDS``) on counter ``(col >> 3, row, row >> 32, col >> 35)``, 16-bit lane ``col & 7``,
   keep iff ``lane >= THR``; one Philox call serves 8 columns. ``_keep`` (one call per element)
   is the fallback when a shard's first column is not a multiple of 8 (``PACKED`` off). Dropping
   multiplies by the 0/1 mask (not ``where``), so a NaN or Inf in x propagates exactly as through
@@ -45,21 +45,29 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..mask import PHILOX_ROUNDS
+
+_ROUNDS = tl.constexpr(PHILOX_ROUNDS)
+
+
+@triton.jit
+def _philox_grid(seed, r, g):
+    """Philox-4x32's four words (``mask.PHILOX_ROUNDS`` rounds) for rows ``r`` [BM, 1] x column groups ``g`` [1, G].
+
+    ``r`` and ``g`` are int64; the counter is ``(g, r, r >> 32, g >> 32)``, as in ``mask``. They
+    go in as a column and a row vector and broadcast inside Philox's first rounds.
+    """
+    return tl.philox(seed, g.to(tl.uint32), r.to(tl.uint32), (r >> 32).to(tl.uint32), (g >> 32).to(tl.uint32),
+                     n_rounds=_ROUNDS)
+
 
 @triton.jit
 def _keep(seed, o_row, o_col, THR):
     """[BM, BN] keep-mask for global rows ``o_row`` [BM] and columns ``o_col`` [BN] (int64).
 
-    ``THR`` is the constexpr threshold, or one per row (``[BM, 1]`` uint32, see ``_row_thr``)."""
-    zero = tl.zeros([o_row.shape[0], o_col.shape[0]], dtype=tl.int64)
-    g = o_col[None, :] >> 3
-    r = o_row[:, None]
-    c0 = (g + zero).to(tl.uint32)
-    c1 = (r + zero).to(tl.uint32)
-    c2 = ((r >> 32) + zero).to(tl.uint32)
-    c3 = ((g >> 32) + zero).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
-    lane = (o_col[None, :] & 7) + zero
+    ``THR`` is the constexpr threshold, or one per row (``[BM, 1]`` uint32, see ``_thr``)."""
+    w0, w1, w2, w3 = _philox_grid(seed, o_row[:, None], o_col[None, :] >> 3)
+    lane = o_col[None, :] & 7
     word = tl.where(lane < 2, w0, tl.where(lane < 4, w1, tl.where(lane < 6, w2, w3)))
     half = (word >> ((lane & 1) * 16).to(tl.uint32)) & 0xFFFF
     return half >= THR
@@ -75,11 +83,8 @@ def _keep8(seed, o_row, g0, BLOCK_N: tl.constexpr, THR):
     in ``_keep``.
     """
     G: tl.constexpr = BLOCK_N // 8
-    zero = tl.zeros([o_row.shape[0], G], dtype=tl.int64)
     g = g0 + tl.arange(0, G).to(tl.int64)
-    r = o_row[:, None]
-    w0, w1, w2, w3 = tl.philox(seed, (g[None, :] + zero).to(tl.uint32), (r + zero).to(tl.uint32),
-                               ((r >> 32) + zero).to(tl.uint32), ((g[None, :] >> 32) + zero).to(tl.uint32))
+    w0, w1, w2, w3 = _philox_grid(seed, o_row[:, None], g[None, :])
     # [BM, G, 2, 2] flattens to words w0, w1, w2, w3 (join puts its new axis last).
     words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [o_row.shape[0], G * 4])
     lanes = tl.join(words & 0xFFFF, words >> 16)  # [BM, 4G, 2]: low half first, as in ``_keep``
