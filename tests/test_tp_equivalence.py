@@ -1,4 +1,5 @@
-"""TP invariance (DESIGN §4): every mode at TP 1/2/4, SP on/off, equals the fp64 single-device math.
+"""TP invariance (README.md, "Errors and guarantees"): every mode at TP 1/2/4, SP on/off, equals the
+fp64 single-device math.
 
 Each hypothesis example builds full fp64 matrices from a seed on every rank, takes its shards
 (``support.problems``), runs the fused functional forward and backward, sums the SP partial

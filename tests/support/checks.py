@@ -1,6 +1,7 @@
 """Error metrics, the one tolerance rule, and the named assertions the tests share.
 
-The rule (STYLE.md), for a result computed in some dtype and compared with the fp64 math:
+The project's one tolerance rule (README.md, "Errors and guarantees"), for a result computed in
+some dtype and compared with the fp64 math:
 
 * fp32: relative error <= ``FP32_BAR``;
 * fp16/bf16: relative error <= ``LOW_FACTOR`` x torch's own relative error doing the same thing
