@@ -254,7 +254,7 @@ def compile_one(job: tuple) -> dict:
     consts = {**_launch_consts(kernel, dtype, p, flags, block_r), **cfg.kwargs}
     variant = "_".join(["pany" if "THR" not in consts else f"p{p:g}", *(f.lower() for f, on in flags.items() if on)])
     name = f"{kernel}_{dtype}_{variant}_{_tiles(fn, cfg, consts)}"
-    row = {"name": name, "kernel": kernel, "dtype": dtype, "variant": variant, "config": index,
+    row = {"name": name, "kernel": kernel, "dtype": dtype, "variant": variant, "rank": block_r, "config": index,
            "n_configs": len(configs), "tiles": {k: v for k, v in consts.items() if k.startswith("BLOCK_")},
            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "triton": triton.__version__}
     t0 = time.time()

@@ -39,6 +39,8 @@ RUNS = {
     "gemm_all_configs": ["--all-configs", "--kernels", ",".join(GEMMS), "--dtypes", "bf16,fp16",
                          "--dropout", "0,0.1"],
     "pinned_all_kernels": ["--dtypes", "bf16,fp16,fp32", "--dropout", "0,0.1"],
+    # Several adapters in one batch stack their factors to rank Σr: four adapters of r = 16.
+    "pinned_gemms_rank64": ["--kernels", ",".join(GEMMS), "--dtypes", "bf16", "--dropout", "0.1", "--rank", "64"],
 }
 
 
@@ -136,6 +138,14 @@ def test_16bit_gemms_use_wgmma(compiled):
     assert rows, "no 16-bit GEMM variant compiled"
     missing = [f"{r['name']}: 0 wgmma.mma_async ({r['mma_sync']} mma.sync)" for r in rows if r["wgmma"] == 0]
     assert not missing, f"{len(missing)} 16-bit GEMM variants without Hopper's wgmma:\n" + "\n".join(missing)
+
+
+def test_pinned_configs_fit_on_an_sm(compiled):
+    # TPLORA_AUTOTUNE=0 launches config 0 without the autotuner, which would skip a config that
+    # does not fit: it must fit in an SM's registers and shared memory (227 KiB per CTA on sm_90).
+    big = [f"{r['name']}: {r['shared']} B shared memory, {r['regs']} registers x {r['num_warps']} warps"
+           for r in compiled["rows"] if r["ok"] and r["config"] == 0 and r["ctas_per_sm"] < 1]
+    assert not big, f"{len(big)} pinned variants do not fit on an sm_90 SM:\n" + "\n".join(big)
 
 
 def test_exit_status_matches_the_rows(compiled):
