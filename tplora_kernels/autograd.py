@@ -34,10 +34,13 @@ row, SP on         reduce-scatter rows of ``[z | u]``          all-gather rows o
 LoRA adds no collective to any mode. The ``[a | b]`` buffers are ``distributed.RowChunkedBuffer``s:
 the kernels write both operands straight into the one buffer the base collective reduces or
 gathers. Saved for backward: the layer input (local under SP), u (T×r) and the seed; no mask, no
-dropped or fp32 copy of x. Two exceptions, documented, where the base has no collective for
-LoRA to ride on: a column layer whose input needs no gradient (du, T×r, gets an all-reduce of its
-own), and an MoE expert under expert-TP > 1, whose communication the token dispatcher does
-(``explicit_comm``: one all-reduce of u (row) or du (column), T×r, over the expert-TP group).
+dropped or fp32 copy of x. The exceptions, documented, are where a frozen base has no collective
+for LoRA to ride on: a column layer whose input needs no gradient (du, T×r, gets an all-reduce,
+or a reduce-scatter under SP, of its own); a row layer under SP whose input needs no gradient
+(dy's rows are still all-gathered, for dB); and an MoE expert under expert-TP > 1, whose
+communication the token dispatcher does (``explicit_comm``: one all-reduce of u (row) or du
+(column), T×r, over the expert-TP group). Outside this module, ``ops.select`` broadcasts one
+int64 per new layer shape when ``auto`` picks a GEMM path on CUDA at TP > 1.
 
 u is kept in x's dtype, except with fp16 activations and fp32 factors, where it is kept in fp32
 (fp16's range is too small for it, and PEFT computes it in fp32); it then computes the output in
