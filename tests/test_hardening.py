@@ -17,7 +17,7 @@ from tplora_kernels.ops import triton_backend as TB
 from tplora_kernels.reference import column_parallel_lora_reference, row_parallel_lora_reference
 
 from .harness import RemoteError
-from .support.layers import column
+from .support.layers import column, row
 from .support.problems import weights
 
 TP = 2
@@ -70,6 +70,8 @@ def bad_call(ctx, case: str, kind: str = "column"):
         args["scale"] = float("nan")
     elif case == "frozen":
         p["weight"].requires_grad_(True)
+    elif case == "expert_sp":
+        args["explicit_comm"] = True  # an expert layer's dispatcher communicates: no SP of its own
     else:
         raise AssertionError(f"unknown case {case}")
     fn(x, p["weight"], p["lora_a"], p["lora_b"], **args, **kw)
@@ -78,7 +80,7 @@ def bad_call(ctx, case: str, kind: str = "column"):
 
 def bad_module(ctx, case: str):
     """Module-level misuse: every rank must raise the same, before any collective."""
-    from tplora_kernels import ColumnParallelLoRA
+    from tplora_kernels import ColumnParallelLoRA, RowParallelLoRA
 
     base = column(ctx.group, ctx.tp, 16, 8, seed=None)
     if case == "not_megatron":
@@ -89,6 +91,10 @@ def bad_module(ctx, case: str):
     elif case == "gtp_remat_size":
         base.gtp_remat_size = 2
         ColumnParallelLoRA(base, r=4)
+    elif case == "row_strided":
+        base = row(ctx.group, ctx.tp, 16, 8, seed=None)
+        base.weight.partition_stride = 2
+        RowParallelLoRA(base, r=4)
     elif case == "r_zero":
         ColumnParallelLoRA(base, r=0)
     elif case == "dropout":
@@ -296,6 +302,7 @@ BAD_CALLS = [
     ("dropout", "row", "ValueError", ["dropout_p", "[0, 1)", "1.0"]),
     ("scale", "column", "ValueError", ["scale", "nan"]),
     ("frozen", "row", "ValueError", ["frozen"]),
+    ("expert_sp", "column", "ValueError", ["explicit_comm", "sequence_parallel"]),
 ]
 
 
@@ -322,6 +329,7 @@ BAD_MODULES = [
     # commit 137188c made expert layers supported).
     ("disable_grad_reduce", "UnsupportedBase", ["disable_grad_reduce=True"]),
     ("gtp_remat_size", "UnsupportedBase", ["gtp_remat_size=2"]),
+    ("row_strided", "UnsupportedBase", ["partition_stride=2", "row-parallel"]),
     ("r_zero", "ValueError", ["r must be a positive int", "0"]),
     ("dropout", "ValueError", ["lora_dropout", "1.5"]),
     ("alpha", "ValueError", ["lora_alpha", "inf"]),
