@@ -170,6 +170,21 @@ def lm_loss(model, data: dict | None = None) -> torch.Tensor:
     return model(**(data or batch())).double().mean()
 
 
+def train_steps(model, opt, steps: int, out: dict) -> None:
+    """``steps`` SGD steps on ``lm_loss`` from a seeded RNG: each loss into ``out["losses"]``, the
+    first step's factor gradients (SP-summed) into ``out["grads0"]``."""
+    seed_rng()
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = lm_loss(model)
+        loss.backward()
+        sum_sp_grads(model)
+        if step == 0:
+            out["grads0"] = factor_tensors(model, grad=True)
+        opt.step()
+        out["losses"].append(float(loss))
+
+
 def seed_rng(seed: int = SEED) -> None:
     """Megatron's seeding: default generator and tracker states, so every evaluation draws alike."""
     from megatron.core import tensor_parallel
@@ -424,16 +439,7 @@ def train_task(case: dict) -> dict:
     out = dict(init=factor_tensors(model), layout=layout_report(model), losses=[],
                trainable=sum(p.requires_grad for p in model.parameters()))
     model.train()
-    seed_rng()
-    for step in range(case.steps):
-        opt.zero_grad(set_to_none=True)
-        loss = lm_loss(model)
-        loss.backward()
-        sum_sp_grads(model)
-        if step == 0:
-            out["grads0"] = factor_tensors(model, grad=True)
-        opt.step()
-        out["losses"].append(float(loss))
+    train_steps(model, opt, case.steps, out)
     out["final"] = factor_tensors(model)
     out["backends"] = sorted({str(m.last_backend) for _, m in lora_layers(model)})
     if case.fd:
@@ -551,16 +557,7 @@ def tied_task(sp: bool = False) -> dict:
         m.enable_adapters(True)
     # lr/5: the output layer's adapter acts on the logits directly; at lr 0.5 the third loss rose above the first.
     opt = torch.optim.SGD(list(_params_by_key(model).values()), lr=LR / 5)
-    seed_rng()
-    for step in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss = lm_loss(model)
-        loss.backward()
-        sum_sp_grads(model)
-        if step == 0:
-            out["grads0"] = factor_tensors(model, grad=True)
-        opt.step()
-        out["losses"].append(float(loss))
+    train_steps(model, opt, STEPS, out)
     return out
 
 
