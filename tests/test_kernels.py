@@ -278,8 +278,11 @@ def _cpu_choosable():
 
 
 def _timer(seconds: dict[str, float], calls: list):
+    """Seconds per candidate; a candidate given an exception raises it (it cannot run)."""
     def timer(name: str, key: tuple) -> float:
         calls.append(name)
+        if isinstance(seconds[name], Exception):
+            raise seconds[name]
         return seconds[name]
     return timer
 
@@ -304,7 +307,8 @@ def test_select_picks_the_faster_and_caches_per_shape(select, fast):
     assert got.name == fast, f"timer says {fast} 1 ms, {slow} 2 ms: chose {got.name}"
     assert sorted(calls) == ["cublas", "triton"], f"each candidate must be timed once, timed {calls}"
     (key, decision), = select.decisions().items()
-    assert decision == {"choice": fast, "seconds": {fast: 1e-3, slow: 2e-3}}, f"decisions() recorded {decision}"
+    assert decision == {"choice": fast, "seconds": {fast: 1e-3, slow: 2e-3}, "failed": {}}, (
+        f"decisions() recorded {decision}")
     assert "T<=128" in key, f"T=100 must be keyed by its power-of-two bucket 128: {key!r}"
     # Same bucket (T=120 <= 128), a timer that now prefers the other: the cached choice, not timed again.
     again: list = []
@@ -333,6 +337,37 @@ def test_select_honours_TPLORA_GEMM(select, monkeypatch, forced):
     monkeypatch.setenv("TPLORA_GEMM", "cutlass")
     with pytest.raises(ValueError, match="TPLORA_GEMM must be one of"):
         select.choose_gemm_backend(torch.device("cpu"), **SHAPE, T=64, group=None, timer=_timer({}, calls))
+
+
+def test_select_skips_a_path_that_cannot_run(select):
+    calls: list = []
+    got = select.choose_gemm_backend(torch.device("cpu"), **SHAPE, T=64, group=None,
+                                     timer=_timer({"triton": RuntimeError("out of resources"), "cublas": 5.0}, calls))
+    assert got.name == "cublas", f"triton raised while timed: the slow but working cublas must win, chose {got.name}"
+    (decision,) = select.decisions().values()
+    assert "out of resources" in decision["failed"].get("triton", ""), f"the failure must be recorded: {decision}"
+
+
+def select_failing_task(ctx) -> str:
+    """Rank 0's timer raises for both paths: every rank must raise (none may wait in the broadcast)."""
+    from tplora_kernels.ops import select as S
+
+    boom = {"triton": MemoryError("no memory for triton"), "cublas": MemoryError("no memory for cublas")}
+    with _cpu_choosable():
+        S.reset()
+        try:
+            S.choose_gemm_backend(torch.device("cpu"), **SHAPE, T=64, group=ctx.group, timer=_timer(boom, []))
+        except RuntimeError as e:
+            return str(e)
+        finally:
+            S.reset()
+    return "no error"
+
+
+def test_select_failure_on_rank0_reaches_every_rank(dist_pool):
+    res = dist_pool.run(select_failing_task, 2, timeout=60)
+    assert len(set(res)) == 1 and "no memory for triton" in res[0] and "no memory for cublas" in res[0], (
+        f"every rank must raise rank 0's reasons, got {res}")
 
 
 def select_in_group_task(ctx, prefer: dict[int, str]) -> dict:

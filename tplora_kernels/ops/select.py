@@ -5,10 +5,13 @@ With ``backend="auto"`` on CUDA, the first call of a layer shape times both path
 answer for the process. The key is (device, dtypes, N, K, r, T rounded up to a power of two), so
 a new batch size of the same order reuses it.
 
-The choice must be the same on every rank of the layer's TP group (ranks that chose differently
-would compute the replicated factors' inputs in different bits, which then drift): rank 0 of the
-group measures, and its answer is broadcast over the group, once per key. Every rank reaches
-that broadcast, because every rank calls the layer with the same shape.
+The choice is the same on every rank of the layer's TP group: rank 0 of the group measures, and
+its answer is broadcast over the group, once per key (the group is part of the key). Every rank
+reaches that broadcast, because every rank calls the layer with the same shape; a path that
+raises on rank 0 (out of memory, out of shared memory at a large r) loses, and if both do, every
+rank raises rank 0's reasons instead of one rank leaving the others in the broadcast. (Every
+replicated tensor comes out of the base collective, so ranks that chose apart would still agree;
+one choice per group keeps the runs' timings and bench records comparable across ranks.)
 
 Overrides: ``TPLORA_GEMM=triton`` or ``=cublas`` (no measurement), or an explicit
 ``backend=``. ``decisions()`` returns what was chosen and the times behind it; the bench records it.
@@ -43,7 +46,7 @@ def _measure(name: str, key: tuple, reps: int = 5) -> float:
     """Median seconds of one ``linear_fwd`` + ``linear_dx`` on backend ``name`` at ``key``'s shape."""
     from . import launch as L
 
-    device, dtype, lora_dtype, N, K, R, T = key
+    device, dtype, lora_dtype, N, K, R, T = key[:7]
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(T, K, device=device, dtype=dtype, generator=g)
     w = torch.randn(N, K, device=device, dtype=dtype, generator=g) * K ** -0.5
@@ -98,21 +101,40 @@ def choose_gemm_backend(device: torch.device, dtype: torch.dtype, lora_dtype: to
         if forced not in CANDIDATES:
             raise ValueError(f"TPLORA_GEMM must be one of {CANDIDATES}, got {forced!r}")
         return get_backend(device, forced)
-    key = (torch.device(device), dtype, lora_dtype, int(N), int(K), int(R), _pow2(T))
+    key = (torch.device(device), dtype, lora_dtype, int(N), int(K), int(R), _pow2(T), _members(group))
     if key not in _DECISIONS:
-        times = {}
+        times, errors, pick = {}, {}, None
         if D.group_rank(group) == 0:
             measure = timer or _measure
-            times = {name: float(measure(name, key)) for name in CANDIDATES}
-            pick = min(CANDIDATES, key=lambda n: times[n])
+            for name in CANDIDATES:
+                try:
+                    times[name] = float(measure(name, key))
+                except Exception as e:  # a path that cannot run here loses; rank 0 must still broadcast
+                    errors[name] = f"{type(e).__name__}: {e}"
+            pick = min(times, key=times.get) if times else None
         else:
             pick = CANDIDATES[0]
         if D.group_size(group) > 1:
-            flag = torch.tensor([CANDIDATES.index(pick)], dtype=torch.int64, device=device)
-            dist.broadcast(flag, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-            pick = CANDIDATES[int(flag.item())]
-        _DECISIONS[key] = {"choice": pick, "seconds": times}
+            src = dist.get_global_rank(group, 0) if group is not None else 0
+            flag = torch.tensor([CANDIDATES.index(pick) if pick else -1], dtype=torch.int64, device=device)
+            dist.broadcast(flag, src=src, group=group)
+            if int(flag.item()) < 0:  # every rank raises rank 0's reasons
+                box = [errors]
+                dist.broadcast_object_list(box, src=src, group=group)
+                errors = box[0]
+            pick = CANDIDATES[int(flag.item())] if int(flag.item()) >= 0 else None
+        if pick is None:
+            raise RuntimeError(f"no GEMM path runs for N={N}, K={K}, r={R}, {dtype} on {device} "
+                               f"(measured on the group's rank 0): {errors}")
+        _DECISIONS[key] = {"choice": pick, "seconds": times, "failed": errors}
     return get_backend(device, _DECISIONS[key]["choice"])
+
+
+def _members(group: dist.ProcessGroup | None) -> tuple[int, ...] | None:
+    """The group's global ranks: a decision is per group (each broadcasts its own rank 0's)."""
+    if group is None or not dist.is_initialized():
+        return None
+    return tuple(dist.get_process_group_ranks(group))
 
 
 def decisions() -> dict[str, dict]:
@@ -122,7 +144,11 @@ def decisions() -> dict[str, dict]:
         >>> isinstance(decisions(), dict)
         True
     """
-    return {f"{k[0]} {k[1]} lora={k[2]} N={k[3]} K={k[4]} r={k[5]} T<={k[6]}": dict(v) for k, v in _DECISIONS.items()}
+    def name(k: tuple) -> str:
+        group = f" group={list(k[7])}" if k[7] else ""
+        return f"{k[0]} {k[1]} lora={k[2]} N={k[3]} K={k[4]} r={k[5]} T<={k[6]}{group}"
+
+    return {name(k): dict(v) for k, v in _DECISIONS.items()}
 
 
 def reset() -> None:

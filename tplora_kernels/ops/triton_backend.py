@@ -67,7 +67,9 @@ _DX_CONFIGS = _tiles(("BLOCK_M", "BLOCK_K"), [
 # BLOCK_M=32 keeps >= 2 programs per SM at T=8192 for this memory-bound pass.
 _SHRINK_CONFIGS = _cfgs([{"BLOCK_M": 32}, {"BLOCK_M": 64}, {"BLOCK_M": 128}], warps=(4,))
 _SHRINK_BWD_CONFIGS = _cfgs([{"BLOCK_K": 64}, {"BLOCK_K": 128}], warps=(4,))
-_DY_CONFIGS = _cfgs([{}], warps=(4, 8))
+# 8 warps first: the pinned config must not spill up to Σr = 64 (four r = 16 adapters in one
+# batch), where 4 warps hold 256x64 fp32 du accumulators in 128 threads and spill (ptxas: 644 B).
+_DY_CONFIGS = _cfgs([{}], warps=(8, 4))
 
 _TUNED = {
     "linear_fwd": triton.autotune(_LINEAR_CONFIGS, key=["N", "K", "R"])(_k._lora_linear_fwd_kernel),
