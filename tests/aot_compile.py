@@ -11,8 +11,8 @@ Prints one JSON line per variant. Exits non-zero, with a summary on stderr, if a
 not compile, or if, on tensor cores (bf16, fp16, tf32), a GEMM kernel (linear_fwd, linear_dx) in
 any config or another kernel in its pinned (first) config spills or has a C751x note; the other
 configs' and fp32's spills are reported on stderr only.
-Configs come from the triton backend's autotune tables (the first of each, which ``TPLORA_AUTOTUNE=0``
-pins, unless ``--all-configs``); ``--source FILE`` swaps in a module's kernels and tables of
+Configs come from the triton backend's autotune tables (the one ``TPLORA_AUTOTUNE=0`` pins at
+``--rank``, unless ``--all-configs`` or ``--configs``); ``--source FILE`` swaps in a module's kernels and tables of
 the same names, to gate prototypes.
 
 Run it where TRITON_INTERPRET is unset (tests/test_compile_sm90.py runs it in a child process),
@@ -110,13 +110,14 @@ def _launch_consts(kernel: str, dtype: str, p: float, flags: dict, block_r: int)
     thr = dropout_threshold(p)
     # On a GPU: no interpreter fix-ups; fp32 dots are IEEE under torch's default matmul precision
     # ("highest"), TF32 when the user allows it; r is padded to a power of two >= 16.
-    common = {"INTERP_BF16": False, "BLOCK_R": max(16, triton.next_power_of_2(block_r)),
+    common = {"INTERP_BF16": False, "BLOCK_R": L._block_r(block_r),
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     drop = {"THR": thr, "HAS_DROPOUT": thr > 0, "PACKED": True, "ROW_THR": False}
     return {
         "shrink_fwd": {**drop, "COPY_X": False, "BLOCK_K": L._RED[td]},
         "linear_fwd": {"HAS_BIAS": True, "BLOCK_K": L._RED[td], "GROUP_M": 8},
-        "dy_bwd": {"COMPUTE_DU": True, "COMPUTE_DB": True, "BLOCK_M": L._DY_ROWS, "BLOCK_N": L._RED[td]},
+        "dy_bwd": {"COMPUTE_DU": True, "COMPUTE_DB": True, "BLOCK_M": L._dy_rows(L._block_r(block_r)),
+                   "BLOCK_N": L._RED[td]},
         "linear_dx": {**drop, "BLOCK_N": L._RED[td], "GROUP_M": 8},
         "shrink_bwd": {**drop, "CHUNKED": False, "BLOCK_M": L._ROW_RED},
     }[kernel] | common | flags
@@ -257,6 +258,7 @@ def compile_one(job: tuple) -> dict:
     variant = "_".join(["pany" if "THR" not in consts else f"p{p:g}", *(f.lower() for f, on in flags.items() if on)])
     name = f"{kernel}_{dtype}_{variant}_{_tiles(fn, cfg, consts)}"
     row = {"name": name, "kernel": kernel, "dtype": dtype, "variant": variant, "rank": block_r, "config": index,
+           "pinned": index == L._pinned(kernel, L._block_r(block_r)),
            "n_configs": len(configs), "tiles": {k: v for k, v in consts.items() if k.startswith("BLOCK_")},
            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "triton": triton.__version__}
     t0 = time.time()
@@ -295,7 +297,7 @@ def compile_one(job: tuple) -> dict:
 
 
 def gated(row: dict) -> bool:
-    return row["ok"] and (row["kernel"] in GEMMS or row["config"] == 0) and row["dtype"] in GATED_DTYPES
+    return row["ok"] and (row["kernel"] in GEMMS or row["pinned"]) and row["dtype"] in GATED_DTYPES
 
 
 def gate_failures(rows: list[dict]) -> list[str]:
@@ -320,7 +322,7 @@ def _csv(kind):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90: H100/H200, sm_90a)")
-    ap.add_argument("--all-configs", action="store_true", help="every autotune config, not only the first")
+    ap.add_argument("--all-configs", action="store_true", help="every autotune config, not only the pinned one")
     ap.add_argument("--configs", type=_csv(int), help="only these indices of each table (e.g. 0 or 6,7)")
     ap.add_argument("--kernels", type=_csv(str), default=list(KERNELS), help="comma list, default all five")
     ap.add_argument("--dtypes", type=_csv(str), default=["bf16", "fp16", "fp32"],
@@ -343,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     src = _load_source(args.source)
     jobs = []
     for kernel in args.kernels:
-        n_cfg = len(_configs(kernel, src)) if args.all_configs or args.configs else 1
-        indices = [i for i in range(n_cfg) if args.configs is None or i in args.configs]
+        if args.all_configs or args.configs:
+            indices = [i for i in range(len(_configs(kernel, src))) if args.configs is None or i in args.configs]
+        else:  # what TPLORA_AUTOTUNE=0 launches at this rank
+            indices = [L._pinned(kernel, L._block_r(args.rank))]
         has_p = "THR" in _launch_consts(kernel, "fp32", 0.0, {}, args.rank)
         for dtype in args.dtypes:
             for p in args.dropout if has_p else [0.0]:

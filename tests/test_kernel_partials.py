@@ -1,6 +1,7 @@
 """The reduction layouts of the two split-reduction kernels, at sizes that cross their blocks.
 
-``lora_dy_bwd`` reduces dB over row blocks of 256 tokens and du over column splits of 512;
+``lora_dy_bwd`` reduces dB over row blocks of 256 tokens (128 above a padded rank of 64) and du
+over column splits of 512;
 ``lora_shrink_bwd`` walks its rows with a hoisted pointer unless an operand is row-chunked. The
 op tests keep every dimension <= 256 (the interpreter's speed), so they never cross those
 blocks; these cases do (T = 300, N = 600), against the fp64 math and the torch backend.
@@ -13,7 +14,7 @@ import torch
 
 from tplora_kernels.mask import DropoutSpec, dropout_threshold, keep_mask, keep_scale
 from tplora_kernels.ops import launch as L
-from tplora_kernels.ops.triton_backend import _DY_COLS, _DY_ROWS
+from tplora_kernels.ops.triton_backend import _DY_COLS, _block_r, _dy_rows
 
 
 def _rel(got, want) -> float:
@@ -27,11 +28,12 @@ def backend(kernel_backend):
     return "interpret"
 
 
+@pytest.mark.parametrize("r", [5, 72], ids=["r5", "r72"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("u_row0", "u_rows"), [(0, 300), (100, 170)], ids=["all-rows", "own-rows"])
-def test_dy_bwd_partials_cross_their_blocks(backend, dtype, u_row0, u_rows):
-    T, N, r, s = 300, 600, 5, 0.75
-    assert T > _DY_ROWS and N > _DY_COLS, "the case must cross both blocks"
+def test_dy_bwd_partials_cross_their_blocks(backend, dtype, u_row0, u_rows, r):
+    T, N, s = 300, 600, 0.75
+    assert T > _dy_rows(_block_r(r)) and N > _DY_COLS, "the case must cross both blocks"
     g = torch.Generator().manual_seed(0)
     dy = torch.randn(T, N, generator=g).to(dtype)
     b = torch.randn(N, r, generator=g) / N ** 0.5

@@ -90,6 +90,24 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def _dy_rows(block_r: int) -> int:
+    """The dy pass's row block (dB's reduction block): ``_DY_ROWS``, halved above a padded rank of
+    64, where 256 rows of fp32 du accumulators spill even on 8 warps (ptxas: 500 B at r = 128). A
+    function of r alone, so the summation order is the same on every rank, run and config."""
+    return _DY_ROWS if block_r <= 64 else _DY_ROWS // 2
+
+
+# TPLORA_AUTOTUNE=0 pins each list's first config, except above a padded rank of 64, where the
+# first forward tile's (128x256) LoRA operands outgrow sm_90's shared memory (240 KiB at r = 128):
+# there it pins 128x128 on 8 warps. tests/test_compile_sm90.py checks the pinned ones at r 16-128.
+_PINNED_LARGE_R = {"linear_fwd": 2}
+
+
+def _pinned(op: str, block_r: int) -> int:
+    """Index in ``op``'s config list of the config ``TPLORA_AUTOTUNE=0`` launches at this padded rank."""
+    return _PINNED_LARGE_R.get(op, 0) if block_r > 64 else 0
+
+
 def _rs(t: torch.Tensor, rpc: int) -> tuple[int, int, int]:
     """(chunk, row, col) strides of a T-row operand for the kernels' row addressing."""
     if t.dim() == 3:
@@ -146,12 +164,12 @@ class TritonBackend(Backend):
         return Support(True)
 
     # -- per-backend launch details ----------------------------------------------------------
-    def _kernel(self, op: str):
-        """(callable, meta) for a launch: the autotuner, or the raw kernel with a pinned config."""
+    def _kernel(self, op: str, R: int):
+        """(callable, meta) for a launch at rank ``R``: the autotuner, or the raw kernel with the pinned config."""
         if os.environ.get("TPLORA_AUTOTUNE", "1") != "0":
             return _TUNED[op], {}
         raw, configs = _RAW[op]
-        c = configs[0]
+        c = configs[_pinned(op, _block_r(R))]
         return raw, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
     def _flags(self, dtype: torch.dtype) -> dict:
@@ -164,7 +182,7 @@ class TritonBackend(Backend):
     def shrink_fwd(self, x, a, u, drop, x_out, rpc) -> None:
         T, K, R = u.numel() // u.shape[-1], x.shape[-1], a.shape[0]
         xo = x_out if x_out is not None else u  # an unused pointer when COPY_X is off
-        fn, meta = self._kernel("shrink_fwd")
+        fn, meta = self._kernel("shrink_fwd", R)
         grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]),)  # noqa: E731
         fn[grid](p_x=x, p_a=a, p_u=u, p_xo=xo, T=T, K=K, R=R, RPC=rpc, **_row_strides("x", x, rpc, "k"),
                  s_ar=a.stride(0), s_ak=a.stride(1), **_row_strides("u", u, rpc, "r"),
@@ -173,7 +191,7 @@ class TritonBackend(Backend):
 
     def linear_fwd(self, x, w, u, b, bias, out, scale, rpc) -> None:
         T, N, K, R = out.numel() // out.shape[-1], w.shape[0], w.shape[1], b.shape[1]
-        fn, meta = self._kernel("linear_fwd")
+        fn, meta = self._kernel("linear_fwd", R)
         grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
         fn[grid](p_x=x, p_w=w, p_u=u, p_b=b, p_bias=bias if bias is not None else w, p_out=out,
                  T=T, N=N, K=K, R=R, RPC=rpc, **_row_strides("x", x, rpc, "k"), s_wn=w.stride(0), s_wk=w.stride(1),
@@ -187,20 +205,21 @@ class TritonBackend(Backend):
         compute_db = u is not None
         # fp32 partials, summed below in a fixed order: dB's per row block that meets u's rows,
         # du's per column split.
-        n_part = (u_row0 + u.shape[0] - 1) // _DY_ROWS - u_row0 // _DY_ROWS + 1 if compute_db else 1
+        rows = _dy_rows(_block_r(R))
+        n_part = (u_row0 + u.shape[0] - 1) // rows - u_row0 // rows + 1 if compute_db else 1
         db_part = torch.empty(n_part, N if compute_db else 1, R, dtype=torch.float32, device=dy.device)
         splits = triton.cdiv(N, _DY_COLS)
         du_part = torch.empty(splits if du is not None else 1, T if du is not None else 1, R, dtype=torch.float32,
                               device=dy.device)
         u_k = u if compute_db else b  # unused pointer when COMPUTE_DB is off
-        fn, meta = self._kernel("dy_bwd")
-        fn[(triton.cdiv(T, _DY_ROWS), splits)](
+        fn, meta = self._kernel("dy_bwd", R)
+        fn[(triton.cdiv(T, rows), splits)](
             p_dy=dy, p_b=b, p_u=u_k, p_dup=du_part, p_dbp=db_part, T=T, N=N, R=R, RPC=rpc, U_ROW0=u_row0,
             U_ROWS=u.shape[0] if compute_db else 0, N_PER_SPLIT=_DY_COLS, **_row_strides("dy", dy, rpc, "n"),
             s_bn=b.stride(0), s_br=b.stride(1), s_um=u_k.stride(0), s_ur=u_k.stride(1), s_dpt=du_part.stride(0),
             s_dpm=du_part.stride(1), s_dpr=du_part.stride(2), s_pt=db_part.stride(0), s_pn=db_part.stride(1),
             s_pr=db_part.stride(2), COMPUTE_DU=du is not None, COMPUTE_DB=compute_db, **self._flags(dy.dtype),
-            BLOCK_M=_DY_ROWS, BLOCK_N=_RED[dy.dtype], BLOCK_R=_block_r(R), **meta)
+            BLOCK_M=rows, BLOCK_N=_RED[dy.dtype], BLOCK_R=_block_r(R), **meta)
         if du is not None:
             total = du_part[0] if splits == 1 else du_part.sum(0)
             du.copy_(total.mul_(scale).view(du.shape))
@@ -210,7 +229,7 @@ class TritonBackend(Backend):
 
     def linear_dx(self, dy, w, du, a, dx, drop, rpc) -> None:
         T, N, K, R = dx.numel() // dx.shape[-1], w.shape[0], w.shape[1], a.shape[0]
-        fn, meta = self._kernel("linear_dx")
+        fn, meta = self._kernel("linear_dx", R)
         grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),)  # noqa: E731
         fn[grid](p_dy=dy, p_w=w, p_du=du, p_a=a, p_dx=dx, T=T, N=N, K=K, R=R, RPC=rpc,
                  **_row_strides("dy", dy, rpc, "n"), s_wn=w.stride(0), s_wk=w.stride(1),
@@ -222,7 +241,7 @@ class TritonBackend(Backend):
         T, K, R = x.numel() // x.shape[-1], x.shape[-1], du.shape[-1]
         splits = triton.cdiv(T, _ROWS_PER_SPLIT)
         part = torch.empty(splits, R, K, dtype=torch.float32, device=x.device)
-        fn, meta = self._kernel("shrink_bwd")
+        fn, meta = self._kernel("shrink_bwd", R)
         grid = lambda m: (triton.cdiv(K, m["BLOCK_K"]), splits)  # noqa: E731
         fn[grid](p_du=du, p_x=x, p_dap=part, T=T, K=K, R=R, RPC=rpc, ROWS_PER_SPLIT=_ROWS_PER_SPLIT,
                  **_row_strides("du", du, rpc, "r"), **_row_strides("x", x, rpc, "k"), s_pt=part.stride(0),
@@ -245,7 +264,7 @@ class InterpretBackend(TritonBackend):
             return Support(False, "runs on CPU tensors")
         return _interpreter_works()
 
-    def _kernel(self, op: str):
+    def _kernel(self, op: str, R: int):
         raw, configs = _RAW[op]
         return raw, {k: _INTERP_BLOCK for k in configs[0].kwargs}
 
