@@ -66,6 +66,19 @@ def test_tracker_draw_leaves_the_other_states_alone():
             assert changed == (name == rng.TRACKER_STATE), f"state {name}: changed={changed}"
 
 
+def test_a_tracker_without_the_data_parallel_state_is_refused():
+    """Falling back to the current generator would draw per-rank seeds inside SP's fork."""
+    with tracker_for(0) as tracker:
+        states = tracker.get_states()
+        tracker.set_states({k: v for k, v in states.items() if k != rng.TRACKER_STATE})
+        try:
+            with pytest.raises(RuntimeError, match="data-parallel-rng"):
+                rng.draw_seed("cpu")
+            assert int(rng.resolve_seed(5, "cpu").item()) == 5, "an explicit seed needs no tracker"
+        finally:
+            tracker.set_states(states)
+
+
 def test_without_a_tracker_the_default_generator_is_used():
     assert rng._megatron_tracker() is None, "no tracker is initialised outside tracker_for()"
     torch.manual_seed(5)
