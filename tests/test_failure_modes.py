@@ -94,6 +94,29 @@ def test_save_adapter_with_data_parallel_ranks_waits_for_the_file(dist_pool, tmp
     assert all(k == keys[0] for k in keys) and len(keys[0]) == 4, f"every rank must return the same 4 keys: {keys}"
 
 
+def _load_over_merged(ctx, path: str):
+    """Loading over an adapter that is merged in some layer: refused before any layer changes."""
+    from tplora_kernels import load_adapter, save_adapter
+
+    model = _mlp(ctx.group, ctx.tp)
+    save_adapter(model, path, group=ctx.group)
+    model.fc2.merge()  # one layer merged: loading "default" over it must not touch fc1 either
+    before = {n: getattr(model, n).lora_A["default"].weight for n in ("fc1", "fc2")}
+    try:
+        load_adapter(model, path)
+    except ValueError as e:
+        unchanged = all(getattr(model, n).lora_A["default"].weight is w for n, w in before.items())
+        return {"error": str(e), "unchanged": unchanged}
+    return {"error": None, "unchanged": False}
+
+
+def test_load_over_a_merged_adapter_changes_nothing(dist_pool, tmp_path):
+    res = dist_pool.run(_load_over_merged, 2, timeout=120, path=str(tmp_path / "adapter"))
+    for rank, r in enumerate(res):
+        assert r["error"] and "merged" in r["error"], f"rank {rank}: loading over a merged adapter: {r['error']}"
+        assert r["unchanged"], f"rank {rank}: a layer was replaced before the refusal"
+
+
 # ---------------------------------------------------------------------------------------------
 # 3: double backward is refused, not silently wrong
 # ---------------------------------------------------------------------------------------------

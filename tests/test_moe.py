@@ -196,6 +196,13 @@ def test_adapter_file_loads_at_another_layout(world, param):
         assert err <= LOGITS_TOL, f"{where}: {what} logits vs the saver's rel {err:.2e} > {LOGITS_TOL:.0e}"
 
 
+def test_a_file_without_an_expert_is_refused_on_every_ep_rank(world):
+    """Expert 3 lives on EP rank 1 only; rank 0 must refuse the file too (else the ranks part ways)."""
+    errors = [result(world, f"missing_expert/{M.EP2.label}", rank)["error"] for rank in range(2)]
+    assert errors[0] and errors[0] == errors[1], f"EP 2 ranks' errors for a file without expert 3: {errors}"
+    assert "local_experts.3." in errors[0], f"the error must name the missing expert: {errors[0]}"
+
+
 @pytest.mark.parametrize("param", CKPT, ids=_id)
 def test_dist_checkpoint_loads_at_another_layout(world, param):
     """model.sharded_state_dict() saved at one layout loads at another: base, factors and logits (gated experts)."""

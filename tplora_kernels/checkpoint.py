@@ -328,13 +328,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         alpha = pattern_value(cfg.get("alpha_pattern"), plain, cfg.get("lora_alpha", r))
         plan.append((mod_name, m, r, alpha, a, b))
         used.update((ka, kb))
-    # Another EP rank's experts are used there, not unused.
+    # Another EP rank's experts are used there, not unused; and checked here too, so that a file
+    # without some expert fails on every rank, not only on the one holding it.
     elsewhere = {_key(n, w) for n in everywhere for w in ("lora_A", "lora_B")}
+    missing = sorted(set(missing) | {k for k in elsewhere - used if k not in tensors})
     unused = sorted(k for k in tensors if k not in used and k not in elsewhere)
     if strict and (missing or unused):
         raise ValueError(f"load_adapter(strict=True): {len(missing)} layer(s) without tensors in {path} "
                          f"(e.g. {missing[:3]}) and {len(unused)} tensor(s) without a layer (e.g. {unused[:3]}); "
                          "check module names, or pass strict=False")
+    merged = [mod_name for mod_name, m, *_ in plan if adapter_name in m.merged_adapters]
+    if merged:
+        raise ValueError(f"adapter {adapter_name!r} is merged in {len(merged)} layer(s) (e.g. {merged[:3]}); "
+                         "unmerge() before loading over it")
     loaded = []
     for mod_name, m, r, alpha, a, b in plan:
         m._create_adapter(adapter_name, r, lora_alpha=alpha, lora_dropout=float(cfg.get("lora_dropout", 0.0)),

@@ -472,6 +472,33 @@ def ckpt_load_task(par: dict, path: str) -> dict:
     return out
 
 
+def missing_expert_task(par: dict, path: str, drop_expert: int) -> dict:
+    """load_adapter at ``par`` from a copy of ``path``'s adapter without global expert ``drop_expert``.
+
+    Every rank must refuse it alike, also the EP ranks that do not hold that expert.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import tplora_kernels
+
+    set_parallel(Par(**par))
+    src, dst = os.path.join(path, "peft"), os.path.join(path, f"peft_without_expert{drop_expert}")
+    if dist.get_rank() == 0:
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        file = os.path.join(dst, "adapter_model.safetensors")
+        tensors = load_file(file)
+        save_file({k: v for k, v in tensors.items() if f".local_experts.{drop_expert}." not in k}, file)
+    dist.barrier()
+    model = adapt(build_moe(gated=True), CKPT_CASE, lora_seed=LORA_SEED + 30)
+    try:
+        tplora_kernels.load_adapter(model, dst)
+    except ValueError as e:
+        return dict(error=str(e))
+    return dict(error=None)
+
+
 # -- the world's tasks, and a report of its numbers ------------------------------------------------
 CASES = [MoECase(gated=g, dropout=p) for g in (False, True) for p in (0.0, 0.1)]
 FIXED = [MoECase(gated=g, dropout=0.1, fixed_seeds=True) for g in (False, True)]
@@ -508,6 +535,8 @@ def world_tasks(root: str) -> list[tuple[str, str, dict]]:
               for p in CKPT_PARS]
     tasks += [(f"load/{s.label}/{q.label}", "tests.support.moe:ckpt_load_task",
                dict(par=asdict(q), path=ckpt_dir(root, s))) for q in reversed(CKPT_PARS) for s in CKPT_PARS if s != q]
+    tasks += [(f"missing_expert/{EP2.label}", "tests.support.moe:missing_expert_task",
+               dict(par=asdict(EP2), path=ckpt_dir(root, REF), drop_expert=3))]
     return tasks
 
 
