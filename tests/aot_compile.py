@@ -1,15 +1,17 @@
 """Compile the Triton kernels for Hopper without a GPU, and gate the GEMMs on what ptxas reports.
 
 Triton's real compiler runs down to cubin for sm_90a, with each kernel's launch-time
-specialisation (see ``_signature``). For every variant it reads, from the ``ptxas -v`` log of
-the very ptxas call triton makes (same binary, same options): registers, spill stores/loads,
-stack frame and the wgmma-serialisation notes C7510..C7519; from the PTX: wgmma, cp.async and
-TMA instructions; from triton: shared memory. CTAs per SM follow from registers, shared memory
-and warps on sm_90 (64K registers, 228 KiB shared memory, 64 warps per SM).
+specialisation (see ``_signature``), with fp32 LoRA weights and with weights in the
+activations' 16-bit dtype (variant suffix ``_w16``, ``apply_lora``'s default). For every
+variant it reads, from the ``ptxas -v`` log of the very ptxas call triton makes (same binary,
+same options): registers, spill stores/loads, stack frame and the wgmma-serialisation notes
+C7510..C7519; from the PTX: wgmma, cp.async and TMA instructions; from triton: shared memory.
+CTAs per SM follow from registers, shared memory and warps on sm_90 (64K registers, 228 KiB
+shared memory, 64 warps per SM).
 
 Prints one JSON line per variant. Exits non-zero, with a summary on stderr, if a variant does
 not compile, or if, on tensor cores (bf16, fp16, tf32), a GEMM kernel (linear_fwd, linear_dx) in
-any config or another kernel in its pinned (first) config spills or has a C751x note; the other
+any config spills or has a C751x note, or another kernel in its pinned config spills; the other
 configs' and fp32's spills are reported on stderr only.
 Configs come from the triton backend's autotune tables (the one ``TPLORA_AUTOTUNE=0`` pins at
 ``--rank``, unless ``--all-configs`` or ``--configs``); ``--source FILE`` swaps in a module's kernels and tables of
@@ -136,10 +138,12 @@ def _check_consts(fn, consts: dict) -> None:
                         f"and sets unknown {sorted(set(consts) - want)}; update _launch_consts to match the launch")
 
 
-def _signature(fn, roles: dict[str, str], dtype: str, consts: dict) -> tuple[dict, dict]:
-    """(signature, attrs) for ASTSource, as the JIT would specialise a launch."""
+def _signature(fn, roles: dict[str, str], dtype: str, consts: dict, w16: bool) -> tuple[dict, dict]:
+    """(signature, attrs) for ASTSource, as the JIT would specialise a launch (``w16``: LoRA weights
+    in the activations' 16-bit dtype, as ``apply_lora`` makes them by default, else fp32)."""
     act = {"bf16": "bf16", "fp16": "fp16"}.get(dtype, "fp32")
-    by_role = {"x": act, "w": "fp32", "f": "fp32", "i": "i64", "t": "i32" if consts.get("ROW_THR") else "i64"}
+    by_role = {"x": act, "w": act if w16 else "fp32", "f": "fp32", "i": "i64",
+               "t": "i32" if consts.get("ROW_THR") else "i64"}
     dns = set(fn.do_not_specialize) | {fn.arg_names[i] for i in fn.do_not_specialize if isinstance(i, int)}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -249,13 +253,14 @@ def _why(e: BaseException) -> str:
 
 
 def compile_one(job: tuple) -> dict:
-    kernel, dtype, p, flags, index, block_r, arch, dump, sass = job
+    kernel, dtype, p, flags, index, block_r, arch, dump, sass, w16 = job
     fn_name, _, roles, _ = KERNELS[kernel]
     fn = _pick(_SOURCE, K, fn_name)
     configs = _configs(kernel, _SOURCE)
     cfg = configs[index]
     consts = {**_launch_consts(kernel, dtype, p, flags, block_r), **cfg.kwargs}
-    variant = "_".join(["pany" if "THR" not in consts else f"p{p:g}", *(f.lower() for f, on in flags.items() if on)])
+    variant = "_".join(["pany" if "THR" not in consts else f"p{p:g}", *(f.lower() for f, on in flags.items() if on),
+                        *(["w16"] if w16 else [])])
     name = f"{kernel}_{dtype}_{variant}_{_tiles(fn, cfg, consts)}"
     row = {"name": name, "kernel": kernel, "dtype": dtype, "variant": variant, "rank": block_r, "config": index,
            "pinned": index == L._pinned(kernel, L._block_r(block_r)),
@@ -266,7 +271,7 @@ def compile_one(job: tuple) -> dict:
     try:
         _check_consts(fn, consts)
         consts.update({n: 1 for n in fn.arg_names if n in _UNIT_STRIDES})
-        sig, attrs = _signature(fn, roles, dtype, consts)
+        sig, attrs = _signature(fn, roles, dtype, consts, w16)
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -308,11 +313,21 @@ def gate_failures(rows: list[dict]) -> list[str]:
             why = []
             if r["spill_stores"] or r["spill_loads"]:
                 why.append(f"spills {r['spill_stores']} B stores / {r['spill_loads']} B loads at {r['regs']} regs")
-            if r["c751x"]:
+            if r["c751x"] and r["kernel"] in GEMMS:  # the memory-bound passes' are reported
                 why.append(f"wgmma serialised ({', '.join(r['c751x'])})")
             if why:
                 out.append(f"{r['name']}: " + "; ".join(why))
     return out
+
+
+def _weight_kinds(kernel: str, dtype: str, lora_dtypes: list[str]) -> list[bool]:
+    """The w16 settings to compile: a 16-bit-weights variant only where the kernel reads LoRA
+    weights and the activations are 16-bit (with fp32 ones, "act" is fp32 again)."""
+    reads_w = "w" in KERNELS[kernel][2].values()
+    kinds = [False] if "fp32" in lora_dtypes else []
+    if "act" in lora_dtypes and reads_w and dtype in ("bf16", "fp16"):
+        kinds.append(True)
+    return kinds or [False]
 
 
 def _csv(kind):
@@ -330,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dropout", type=_csv(float), default=[0.0, 0.1], help="dropout probabilities, e.g. 0,0.1")
     ap.add_argument("--no-flag-sweep", action="store_true",
                     help="only the usual setting of COPY_X, CHUNKED, ROW_THR (off), not both")
+    ap.add_argument("--lora-dtypes", type=_csv(str), default=["fp32", "act"],
+                    help="LoRA weight dtypes: fp32, and/or act (the activations' 16-bit dtype, apply_lora's default)")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank r (BLOCK_R = next power of two >= 16)")
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--dump", metavar="DIR", help="write each variant's .ptx and .cubin here")
@@ -353,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in args.dtypes:
             for p in args.dropout if has_p else [0.0]:
                 for flags in _flag_sets(kernel, p, not args.no_flag_sweep):
-                    jobs += [(kernel, dtype, p, flags, i, args.rank, args.arch, args.dump, args.sass)
-                             for i in indices]
+                    for w16 in _weight_kinds(kernel, dtype, args.lora_dtypes):
+                        jobs += [(kernel, dtype, p, flags, i, args.rank, args.arch, args.dump, args.sass, w16)
+                                 for i in indices]
     cache_dir = tempfile.mkdtemp(prefix="tplora_aot_")
     t0 = time.time()
     rows = []
@@ -378,9 +396,11 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     reported = [f"{r['name']}: {r['spill_stores']}/{r['spill_loads']} B spill stores/loads, {r['regs']} regs"
                 for r in rows if r["ok"] and not gated(r) and (r["spill_stores"] or r["spill_loads"])]
+    reported += [f"{r['name']}: wgmma serialised ({', '.join(r['c751x'])})"
+                 for r in rows if r["ok"] and r["kernel"] not in GEMMS and r["c751x"]]
     if reported:
-        print(f"aot_compile: reported, not gated: {len(reported)} variants spill:\n  " + "\n  ".join(reported),
-              file=sys.stderr)
+        print(f"aot_compile: reported, not gated: {len(reported)} variants spill or serialise wgmma:\n  "
+              + "\n  ".join(reported), file=sys.stderr)
     failures = gate_failures(rows)
     if failures:
         print(f"aot_compile: FAIL: {len(failures)} of {len(rows)} variants:\n  " + "\n  ".join(failures),

@@ -97,15 +97,17 @@ def _dy_rows(block_r: int) -> int:
     return _DY_ROWS if block_r <= 64 else _DY_ROWS // 2
 
 
-# TPLORA_AUTOTUNE=0 pins each list's first config, except above a padded rank of 64, where the
-# first forward tile's (128x256) LoRA operands outgrow sm_90's shared memory (240 KiB at r = 128):
-# there it pins 128x128 on 8 warps. tests/test_compile_sm90.py checks the pinned ones at r 16-128.
-_PINNED_LARGE_R = {"linear_fwd": 2}
+# TPLORA_AUTOTUNE=0 pins each list's first config, but at larger ranks: above a padded rank of
+# 64 the first forward tile's (128x256) LoRA operands outgrow sm_90's shared memory (240 KiB at
+# r = 128), so 128x128 on 8 warps; above 32, shrink_fwd's 32-row tile with 16-bit factors spills
+# (ptxas 13.4: 4 B at r = 64), so 64 rows. {op: ((largest padded rank, config index), ...)};
+# tests/test_compile_sm90.py checks the pinned configs at r = 16, 64 and 128.
+_PINNED = {"linear_fwd": ((64, 0), (128, 2)), "shrink_fwd": ((32, 0), (128, 2))}
 
 
 def _pinned(op: str, block_r: int) -> int:
     """Index in ``op``'s config list of the config ``TPLORA_AUTOTUNE=0`` launches at this padded rank."""
-    return _PINNED_LARGE_R.get(op, 0) if block_r > 64 else 0
+    return next((i for top, i in _PINNED.get(op, ()) if block_r <= top), _PINNED[op][-1][1] if op in _PINNED else 0)
 
 
 def _rs(t: torch.Tensor, rpc: int) -> tuple[int, int, int]:
