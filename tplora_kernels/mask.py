@@ -10,9 +10,11 @@ The scheme, and why:
   ``torch``'s CUDA RNG, keyed by the 64-bit seed, with 7 rounds (``PHILOX_ROUNDS``) instead of
   the usual 10: 7 is the fewest at which the paper finds Philox-4x32 passes all of TestU01's
   BigCrush, and the rounds are most of the mask's cost on a GPU (six instructions per round
-  per 8 elements, against about four per element for the threshold test and the multiply). The counter is
-  ``(col >> 3, row, row >> 32, col >> 35)`` so every (row, col) below 2^64 x 2^35 has its own
-  counter: the mask cannot repeat or wrap for T·K up to 2^40 (or far beyond).
+  per 8 elements, against about four per element for the threshold test, the select and the
+  multiply). The counter is
+  ``(col >> 3, row, row >> 32, col >> 35)``: all 64 bits of the row and of the column group
+  ``col >> 3``, so every (row, col) an int64 can index has its own counter and the mask cannot
+  repeat or wrap.
 * One Philox call yields 128 random bits, which we spend on **eight** consecutive columns at
   16 bits each. Element ``(row, col)`` keeps iff its 16-bit lane ``>= thr``, with
   ``thr = round(p · 2^16)``. This is 8x fewer Philox evaluations than one call per element,
@@ -42,7 +44,7 @@ __all__ = [
     "philox4x32",
 ]
 
-PHILOX_ROUNDS = 7  # BigCrush-clean (Salmon et al.); 30% fewer mask instructions than Random123's default 10.
+PHILOX_ROUNDS = 7  # BigCrush-clean (Salmon et al.); 16-19% fewer mask instructions than 10 (bench/NOTES.md).
 MASK_BITS = 16  # bits of randomness per element: 8 elements per 128-bit Philox output.
 _ONE = 1 << MASK_BITS
 
