@@ -334,6 +334,12 @@ class AdapterMixin:
 
         Deleting the (last) active adapter activates the first remaining one in sorted order, the
         same on every layer (PEFT's rule), or none if it was the last.
+
+        Args:
+            adapter_name: an adapter of this layer (ValueError otherwise, naming the known ones).
+
+        Example:
+            >>> # layer.delete_adapter("old")   # layer.lora_A no longer has "old"
         """
         self._check_adapter(adapter_name)
         if adapter_name in self.merged_adapters:
@@ -430,7 +436,13 @@ class AdapterMixin:
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter's delta again (exact up to rounding in the weight dtype). TP-local."""
+        """Subtract every merged adapter's delta again (exact up to rounding in the weight dtype). TP-local.
+
+        Warns and changes nothing if no adapter is merged.
+
+        Example:
+            >>> # layer.merge(); layer.unmerge()   # base weight back (to rounding), adapters active
+        """
         if not self.merged_adapters:
             warnings.warn("unmerge() called but no adapter is merged; nothing to do", stacklevel=2)
             return

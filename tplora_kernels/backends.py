@@ -119,6 +119,9 @@ def _load_builtin() -> None:
 def interpreter_active() -> bool:
     """True when the Triton kernels were defined under ``TRITON_INTERPRET=1``.
 
+    Returns:
+        Whether ``ops.kernels`` holds interpreted functions (the ``interpret`` backend can run).
+
     Example:
         >>> isinstance(interpreter_active(), bool)
         True
@@ -144,6 +147,9 @@ def get_backend(device: torch.device | str, backend: str | Backend | None = None
         gemm: for ``"auto"`` on CUDA, the layer's ``(dtype, lora_dtype, N, K, r, T, tp_group)``: the
             GEMM path (``triton`` or ``cublas``) is then chosen for that shape by ``ops.select``;
             without it, ``"auto"`` on CUDA is ``triton``.
+
+    Returns:
+        The ``Backend`` instance (one per name per process).
 
     Raises:
         ValueError: unknown name, or a backend that cannot run on ``device`` here (with the reason).
@@ -179,6 +185,13 @@ def get_backend(device: torch.device | str, backend: str | Backend | None = None
 
 def resolve_backend(device: torch.device | str, backend: str | Backend | None = None) -> str:
     """The name of ``get_backend(device, backend)``.
+
+    Args:
+        device: the activations' device.
+        backend: as for ``get_backend`` (without a layer shape, ``"auto"`` on CUDA reports ``triton``).
+
+    Returns:
+        The backend's registered name, e.g. ``"torch"``.
 
     Example:
         >>> resolve_backend("cpu", "torch")

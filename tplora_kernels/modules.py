@@ -225,6 +225,12 @@ class _ParallelLoRA(AdapterMixin, nn.Module):
 def lora_modules(model: nn.Module) -> list[tuple[str, _ParallelLoRA]]:
     """Every ``ColumnParallelLoRA``/``RowParallelLoRA`` in ``model`` (itself included), in module order.
 
+    Args:
+        model: any module.
+
+    Returns:
+        ``[(dotted name, module), ...]`` as ``model.named_modules()`` names them.
+
     Example:
         >>> lora_modules(torch.nn.Linear(2, 2))
         []

@@ -73,6 +73,9 @@ def _megatron_tracker():
 def draw_seed(device: torch.device | str) -> torch.Tensor:
     """A fresh dropout seed by the module's rule 2 or 3, as a ``[1]`` int64 tensor on ``device``.
 
+    Args:
+        device: where the seed lives (x's device: a device-side draw, no host sync).
+
     Returns:
         ``[1]`` int64 tensor in ``[0, 2^63 - 1)`` on ``device``.
 
