@@ -46,11 +46,12 @@ def _tiles(names: tuple[str, str], rows: list[tuple[int, int, int, int]]) -> lis
     return [triton.Config(dict(zip(names, (a, b))), num_warps=w, num_stages=s) for a, b, w, s in rows]
 
 
-# The GEMM tables are each config that compiles clean for sm_90a in bf16 and fp16 under triton
-# 3.6 and 3.9: no register spill, no wgmma serialisation (ptxas notes C751x), checked without a
-# GPU by tests/test_compile_sm90.py. (BLOCK_M, BLOCK_N, warps, stages); the first is Hopper's
-# 128x256x64 tile on 8 warps (two warpgroups, 128 fp32 accumulators per thread), which
-# TPLORA_AUTOTUNE=0 pins. 128x256 on 4 warps is absent: 256 accumulators per thread never fit.
+# The GEMM tables are each config that compiles clean for sm_90a in bf16 and fp16, with fp32 or
+# 16-bit LoRA weights, under triton 3.6 and 3.9: no register spill, no wgmma serialisation
+# (ptxas notes C751x), checked without a GPU by tests/test_compile_sm90.py. (BLOCK_M, BLOCK_N,
+# warps, stages); the first is Hopper's 128x256x64 tile on 8 warps (two warpgroups, 128 fp32
+# accumulators per thread), which TPLORA_AUTOTUNE=0 pins up to r = 64. 128x256 on 4 warps is
+# absent: 256 accumulators per thread never fit.
 _LINEAR_CONFIGS = _tiles(("BLOCK_M", "BLOCK_N"), [
     (128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4),
     (128, 128, 4, 3), (128, 128, 4, 4), (64, 256, 8, 3), (64, 256, 4, 3),
@@ -107,7 +108,10 @@ _PINNED = {"linear_fwd": ((64, 0), (128, 2)), "shrink_fwd": ((32, 0), (128, 2))}
 
 def _pinned(op: str, block_r: int) -> int:
     """Index in ``op``'s config list of the config ``TPLORA_AUTOTUNE=0`` launches at this padded rank."""
-    return next((i for top, i in _PINNED.get(op, ()) if block_r <= top), _PINNED[op][-1][1] if op in _PINNED else 0)
+    steps = _PINNED.get(op)
+    if steps is None:
+        return 0
+    return next((index for top, index in steps if block_r <= top), steps[-1][1])
 
 
 def _rs(t: torch.Tensor, rpc: int) -> tuple[int, int, int]:
