@@ -283,3 +283,27 @@ def test_delete_adapter(adapter_results, kind):
         assert r["delete_unknown"] and "unknown adapter" in r["delete_unknown"], f"{kind} rank {rank}"
         active, err = r["none_left"]
         assert active is None and err < 1e-6, f"{kind} rank {rank}: no adapter left -> base output ({err:.2e})"
+
+
+def unseeded_init_task(ctx) -> dict:
+    """Each rank's CPU generator seeded apart: the replicated factors must still be one tensor."""
+    from tplora_kernels import ColumnParallelLoRA, RowParallelLoRA
+
+    from .support.layers import column, row
+
+    bases = column(ctx.group, ctx.tp, K, H), row(ctx.group, ctx.tp, H, K)  # these seed the generator
+    torch.manual_seed(1000 + ctx.rank)
+    col = ColumnParallelLoRA(bases[0], r=4, init_lora_weights=False, backend="torch")
+    rw = RowParallelLoRA(bases[1], r=4, init_lora_weights=False, backend="torch")
+    out = {}
+    for name, t in (("column lora_A", col.lora_A["default"].weight), ("row lora_B", rw.lora_B["default"].weight)):
+        got = [torch.empty_like(t) for _ in range(ctx.tp)]
+        dist.all_gather(got, t.detach().contiguous(), group=ctx.group)
+        out[name] = max((g - got[0]).abs().max().item() for g in got)
+    return out
+
+
+def test_replicated_factors_agree_when_generators_do_not(dist_pool):
+    for rank, res in enumerate(dist_pool.run(unseeded_init_task, 2)):
+        for name, diff in res.items():
+            assert diff == 0.0, f"rank {rank}: {name} differs across TP ranks by {diff:.3e} (ranks seeded apart)"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import nn
 
+from . import distributed as D
 from .config import check_dropout, check_init, check_rank, check_scale
 
 __all__ = ["AdapterMixin", "AdapterOptions", "LoRAFactor", "init_full_factors"]
@@ -103,8 +104,9 @@ def init_full_factors(r: int, in_features: int, out_features: int,
                       init: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw the **full** A ``[r, K]`` and B ``[N, r]`` on CPU from torch's default generator.
 
-    Every TP rank draws the same full matrices (Megatron seeds the CPU generator alike on all TP
-    ranks) and keeps its slice, so the model at TP=4 is the model at TP=1.
+    Every TP rank draws the full matrices (Megatron seeds the CPU generator alike on all TP ranks;
+    the layers then take group rank 0's) and keeps its slice, so the model at TP=4 is the model at
+    TP=1.
 
     Args:
         r: LoRA rank.
@@ -197,8 +199,14 @@ class AdapterMixin:
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before replacing it")
         full_a, full_b = init_full_factors(options.r, self.spec.in_features, self.spec.out_features, init)
-        a, b = self.spec.layout.shard_factors(full_a, full_b, self.spec.rank, self.spec.world)
         like = self._factor_like()
+        if like.device.type != "meta":
+            # A replicated factor must be one tensor on every TP rank (its gradient is the same on
+            # each, so ranks that start apart never meet): group rank 0's draw wins, in case a
+            # rank's CPU generator was not seeded alike. Every rank builds its layers in order.
+            full_a, full_b = full_a.to(like.device), full_b.to(like.device)
+            D.broadcast_from_first_((full_a, full_b), self.spec.group)
+        a, b = self.spec.layout.shard_factors(full_a, full_b, self.spec.rank, self.spec.world)
         dtype = self.lora_dtype or like.dtype
         pa = nn.Parameter(a.to(device=like.device, dtype=dtype).contiguous())
         pb = nn.Parameter(b.to(device=like.device, dtype=dtype).contiguous())

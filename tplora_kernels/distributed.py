@@ -17,6 +17,7 @@ __all__ = [
     "all_gather_cols",
     "all_gather_rows",
     "all_reduce_",
+    "broadcast_from_first_",
     "group_rank",
     "group_size",
     "reduce_scatter_rows",
@@ -73,6 +74,15 @@ def all_reduce_(buf: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Ten
     if group_size(group) > 1:
         dist.all_reduce(buf, group=group)
     return buf
+
+
+def broadcast_from_first_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """Overwrite each tensor with the group's rank 0's, in place (any shape; on the group's device)."""
+    if group_size(group) == 1:
+        return
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    for t in tensors:
+        dist.broadcast(t, src=src, group=group)
 
 
 def reduce_scatter_rows(buf: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
