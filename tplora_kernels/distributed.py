@@ -77,12 +77,22 @@ def all_reduce_(buf: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Ten
 
 
 def broadcast_from_first_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> None:
-    """Overwrite each tensor with the group's rank 0's, in place (any shape; on the group's device)."""
+    """Overwrite each tensor with the group's rank 0's, in place (any shape).
+
+    A CPU tensor on an NCCL group (a model still on the CPU, as with Megatron's
+    ``use_cpu_initialization`` before ``.cuda()``) travels through the current CUDA device.
+    """
     if group_size(group) == 1:
         return
     src = dist.get_global_rank(group, 0) if group is not None else 0
+    nccl = "nccl" in str(dist.get_backend(group)).lower()
     for t in tensors:
-        dist.broadcast(t, src=src, group=group)
+        if nccl and t.device.type == "cpu":
+            staged = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.broadcast(staged, src=src, group=group)
+            t.copy_(staged)
+        else:
+            dist.broadcast(t, src=src, group=group)
 
 
 def reduce_scatter_rows(buf: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
