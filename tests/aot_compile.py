@@ -107,7 +107,7 @@ def _configs(kernel: str, src) -> list[triton.Config]:
 
 
 def _launch_consts(kernel: str, dtype: str, p: float, flags: dict, block_r: int) -> dict:
-    """The constexprs the launch passes this kernel, but the autotuned tiles (GROUP_M=8 is a literal there)."""
+    """The constexprs the launch passes this kernel, but the autotuned tiles."""
     td = DTYPES[dtype]
     thr = dropout_threshold(p)
     # On a GPU: no interpreter fix-ups; fp32 dots are IEEE under torch's default matmul precision
@@ -117,10 +117,10 @@ def _launch_consts(kernel: str, dtype: str, p: float, flags: dict, block_r: int)
     drop = {"THR": thr, "HAS_DROPOUT": thr > 0, "PACKED": True, "ROW_THR": False}
     return {
         "shrink_fwd": {**drop, "COPY_X": False, "BLOCK_K": L._RED[td]},
-        "linear_fwd": {"HAS_BIAS": True, "BLOCK_K": L._RED[td], "GROUP_M": 8},
+        "linear_fwd": {"HAS_BIAS": True, "BLOCK_K": L._RED[td], "GROUP_M": L._GROUP_M},
         "dy_bwd": {"COMPUTE_DU": True, "COMPUTE_DB": True, "BLOCK_M": L._dy_rows(L._block_r(block_r)),
                    "BLOCK_N": L._RED[td]},
-        "linear_dx": {**drop, "BLOCK_N": L._RED[td], "GROUP_M": 8},
+        "linear_dx": {**drop, "BLOCK_N": L._RED[td], "GROUP_M": L._GROUP_M},
         "shrink_bwd": {**drop, "CHUNKED": False, "BLOCK_M": L._ROW_RED},
     }[kernel] | common | flags
 

@@ -29,6 +29,8 @@ _ROW_RED = 64
 # that is at most a quarter of dy's own bytes in 16 bits) and du over N in splits of 512 columns,
 # which also gives the grid (T/256) x (N/512) programs to fill the GPU.
 _DY_ROWS = 256
+# Row blocks that share a column sweep of the GEMMs' grouped launch order (L2 reuse of W).
+_GROUP_M = 8
 _DY_COLS = 512
 # Shrink-grad splits T across programs so that K/BLOCK_K programs do not idle most SMs; the split
 # depends only on T, so the summation order is the same on every rank and every run.
@@ -204,7 +206,7 @@ class TritonBackend(Backend):
                  **_row_strides("u", u, rpc, "r"), s_bn=b.stride(0), s_br=b.stride(1),
                  **_row_strides("o", out, rpc, "n"), s_bias=bias.stride(0) if bias is not None else 0,
                  scale=scale, HAS_BIAS=bias is not None, **self._flags(x.dtype), BLOCK_K=_RED[x.dtype],
-                 BLOCK_R=_block_r(R), GROUP_M=8, **meta)
+                 BLOCK_R=_block_r(R), GROUP_M=_GROUP_M, **meta)
 
     def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc):
         T, N, R = dy.numel() // dy.shape[-1], dy.shape[-1], b.shape[1]
@@ -241,7 +243,7 @@ class TritonBackend(Backend):
                  **_row_strides("dy", dy, rpc, "n"), s_wn=w.stride(0), s_wk=w.stride(1),
                  **_row_strides("du", du, rpc, "r"), s_ar=a.stride(0), s_ak=a.stride(1),
                  **_row_strides("dx", dx, rpc, "k"), **_dropout(drop, dy.device), **self._flags(dy.dtype),
-                 BLOCK_N=_RED[dy.dtype], BLOCK_R=_block_r(R), GROUP_M=8, **meta)
+                 BLOCK_N=_RED[dy.dtype], BLOCK_R=_block_r(R), GROUP_M=_GROUP_M, **meta)
 
     def shrink_bwd(self, du, x, drop, rpc):
         T, K, R = x.numel() // x.shape[-1], x.shape[-1], du.shape[-1]
