@@ -45,7 +45,7 @@ _SEED_HIGH = 2**63 - 1  # randint's exclusive upper bound for an int64 draw
 def _megatron_tracker():
     """Megatron's initialised RNG tracker holding ``TRACKER_STATE``, else None (never creates one).
 
-    Raises RuntimeError if the tracker is initialised without ``TRACKER_STATE``.
+    Raises RuntimeError if the tracker holds states but not ``TRACKER_STATE``.
 
     ``get_cuda_rng_tracker()`` would *create* an empty tracker when none exists, which would stop a
     later ``model_parallel_cuda_manual_seed(te_rng_tracker=True)`` from installing TE's; so the
@@ -58,13 +58,14 @@ def _megatron_tracker():
     if not getattr(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False):
         return None
     tracker = mrandom.get_cuda_rng_tracker()
-    if not tracker.is_initialized():
+    states = tracker.get_states() if tracker.is_initialized() else {}
+    if not states:  # nothing seeded (e.g. only tensor_parallel.checkpoint ran): no fork can be active
         return None
-    if TRACKER_STATE not in tracker.get_states():
+    if TRACKER_STATE not in states:
         # Drawing from the current generator instead is what goes wrong under SP: Megatron runs
         # each layer inside the per-TP-rank model-parallel fork, so ranks would draw apart.
         raise RuntimeError(f"megatron's RNG tracker is initialised without its {TRACKER_STATE!r} state "
-                           f"(it has {sorted(tracker.get_states())}), which every TP rank draws dropout seeds "
+                           f"(it has {sorted(states)}), which every TP rank draws dropout seeds "
                            "from alike; seed it with model_parallel_cuda_manual_seed, or pass seed= to the LoRA "
                            "layers")
     return tracker
