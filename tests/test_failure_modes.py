@@ -18,6 +18,7 @@ from tplora_kernels import column_parallel_lora, row_parallel_lora
 from tplora_kernels.reference import lora_dense
 
 from .harness import RemoteError
+from .support.layers import column, row
 from .support.problems import weights as shards
 
 FNS = {"column": column_parallel_lora, "row": row_parallel_lora}
@@ -25,18 +26,11 @@ FNS = {"column": column_parallel_lora, "row": row_parallel_lora}
 
 def _mlp(group, tp: int, *, rslora_fc2: bool = False):
     """A two-layer megatron MLP wrapped in our modules (fc1 column, fc2 row), identical on every rank."""
-    import megatron.core as mc
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
     from tplora_kernels import ColumnParallelLoRA, RowParallelLoRA
 
-    cfg = mc.ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
-                                 params_dtype=torch.float32)
     torch.manual_seed(3)
-    fc1 = ColumnParallelLinear(16, 24, config=cfg, init_method=torch.nn.init.normal_, bias=False,
-                               gather_output=False, tp_group=group)
-    fc2 = RowParallelLinear(24, 16, config=cfg, init_method=torch.nn.init.normal_, bias=False,
-                            input_is_parallel=True, skip_bias_add=False, tp_group=group)
+    fc1 = column(group, tp, 16, 24, seed=None, bias=False, init=torch.nn.init.normal_)
+    fc2 = row(group, tp, 24, 16, seed=None, bias=False, init=torch.nn.init.normal_)
     model = torch.nn.Module()
     model.fc1 = ColumnParallelLoRA(fc1, r=4, init_lora_weights=False)
     model.fc2 = RowParallelLoRA(fc2, r=4, init_lora_weights=False, use_rslora=rslora_fc2)

@@ -19,6 +19,8 @@ from tplora_kernels.layout import layout_for
 from tplora_kernels.mask import dropout_threshold
 from tplora_kernels.multi import build_mix
 
+from .support.layers import column, row
+
 FNS = {"column": column_parallel_lora, "row": row_parallel_lora}
 TOL = 1e-5  # fp32: the mixed and the separate runs differ only in summation order
 
@@ -151,18 +153,11 @@ NAMES = ("math", "code", "chat")
 
 def _model(group, tp: int, sp: bool):
     """fc1 (column) -> gelu -> fc2 (row) with three adapters of different r, alpha and dropout."""
-    import megatron.core as mc
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
     from tplora_kernels import ColumnParallelLoRA, RowParallelLoRA
 
-    cfg = mc.ModelParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp, use_cpu_initialization=True,
-                                 params_dtype=torch.float32)
     torch.manual_seed(5)
-    fc1 = ColumnParallelLinear(16, 24, config=cfg, init_method=torch.nn.init.normal_, bias=True,
-                               gather_output=False, tp_group=group)
-    fc2 = RowParallelLinear(24, 16, config=cfg, init_method=torch.nn.init.normal_, bias=True,
-                            input_is_parallel=True, skip_bias_add=False, tp_group=group)
+    fc1 = column(group, tp, 16, 24, sp=sp, seed=None, init=torch.nn.init.normal_)
+    fc2 = row(group, tp, 24, 16, sp=sp, seed=None, init=torch.nn.init.normal_)
     model = torch.nn.Module()
     model.fc1 = ColumnParallelLoRA(fc1, r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
                                    adapter_name=NAMES[0], backend="torch")
