@@ -6,8 +6,9 @@ Layers, each calling the one below it::
 
 beside them: ``config`` (options), ``layout`` (the shard rule), ``base`` (base-layer
 recognisers), ``rng`` (dropout seeds), ``mask`` (the dropout mask), ``adapters`` (registry),
-``checkpoint`` (adapter files), ``hf`` (adapters under Hugging Face names), ``multi`` (several
-adapters in one batch), ``peft`` (PEFT integration).
+``naming`` (layout-independent layer names), ``adapter_io`` (adapter files, Hugging Face names,
+in-memory export, adapter-only checkpoints), ``multi`` (several adapters in one batch), ``peft``
+(PEFT integration).
 
 Quick start (inside an initialised tensor-parallel group)::
 
@@ -16,24 +17,37 @@ Quick start (inside an initialised tensor-parallel group)::
     y, bias = layer(x)          # same contract as the base layer's forward
 """
 
+from .adapter_io.api import (
+    AdapterStream,
+    adapter_state_dict,
+    export_hf_adapter,
+    gather_full_factors,
+    iter_adapter_state_dict,
+    load_adapter,
+    load_adapter_state_dict,
+    load_hf_adapter,
+    save_adapter,
+)
+from .adapter_io.checkpoint import adapter_sharded_state_dict, load_adapter_checkpoint, save_adapter_checkpoint
 from .backends import BACKENDS, get_backend, interpreter_active, resolve_backend
-from .checkpoint import adapter_sharded_state_dict, gather_full_factors, load_adapter, save_adapter
 from .config import LoRAConfig
-from .dispatch import apply_lora, dispatch_megatron
+from .dispatch import apply_lora, dispatch_megatron, merge_adapters, unmerge_adapters
 from .distributed import sum_sequence_parallel_grads
 from .functional import column_parallel_lora, parallel_linear, row_parallel_lora
-from .hf import export_hf_adapter, load_hf_adapter
-from .modules import ColumnParallelLoRA, RowParallelLoRA, lora_modules, set_batch_adapters
+from .modules import ColumnParallelLoRA, LoRALayer, RowParallelLoRA, lora_modules, set_batch_adapters
 from .rng import checkpoint_context_fn, draw_seed
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BACKENDS",
+    "AdapterStream",
     "ColumnParallelLoRA",
     "LoRAConfig",
+    "LoRALayer",
     "RowParallelLoRA",
     "adapter_sharded_state_dict",
+    "adapter_state_dict",
     "apply_lora",
     "checkpoint_context_fn",
     "column_parallel_lora",
@@ -43,13 +57,19 @@ __all__ = [
     "gather_full_factors",
     "get_backend",
     "interpreter_active",
+    "iter_adapter_state_dict",
     "load_adapter",
+    "load_adapter_checkpoint",
+    "load_adapter_state_dict",
     "load_hf_adapter",
     "lora_modules",
+    "merge_adapters",
     "parallel_linear",
     "resolve_backend",
     "row_parallel_lora",
     "save_adapter",
+    "save_adapter_checkpoint",
     "set_batch_adapters",
     "sum_sequence_parallel_grads",
+    "unmerge_adapters",
 ]

@@ -96,6 +96,15 @@ class LoRAFactor(nn.Module):
                     setattr(value, attr, getattr(old, attr))
         super().__setattr__(name, value)
 
+    def forward(self) -> torch.Tensor:
+        """The factor itself (no copy). Read it by calling the holder, ``lora_A[name]()``.
+
+        Hooks that fill a parameter just before its owner module runs (Megatron DDP's
+        ``overlap_param_gather`` forward pre-hooks, FSDP's unshard, offloading) fire only when
+        the owner is called, so every read of a factor goes through this call.
+        """
+        return self.weight
+
     def extra_repr(self) -> str:
         return f"shape={tuple(self.weight.shape)}, dtype={self.weight.dtype}"
 
@@ -190,14 +199,12 @@ class AdapterMixin:
     # -- construction ------------------------------------------------------------------------
     def _create_adapter(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
                         init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
-        # The one place that builds an adapter. ``update_layer`` and ``add_adapter`` are its
-        # public faces; the PEFT subclass overrides ``update_layer`` with PEFT's signature.
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        # Draw new factors: the one place that communicates (group rank 0's draw, broadcast).
+        # ``update_layer`` and ``add_adapter`` are its public faces; the PEFT subclass overrides
+        # ``update_layer`` with PEFT's signature.
         options = AdapterOptions.build(r, lora_alpha, lora_dropout, use_rslora)
         init = check_init(init_lora_weights)
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before replacing it")
+        self._check_replaceable(adapter_name)
         full_a, full_b = init_full_factors(options.r, self.spec.in_features, self.spec.out_features, init)
         like = self._factor_like()
         if like.device.type != "meta":
@@ -206,10 +213,23 @@ class AdapterMixin:
             # rank's CPU generator was not seeded alike. Every rank builds its layers in order.
             full_a, full_b = full_a.to(like.device), full_b.to(like.device)
             D.broadcast_from_first_((full_a, full_b), self.spec.group)
+        self._install(adapter_name, options, full_a, full_b)
+
+    def _check_replaceable(self, adapter_name: str) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before replacing it")
+
+    def _install(self, adapter_name: str, options: AdapterOptions, full_a: torch.Tensor,
+                 full_b: torch.Tensor) -> None:
+        """Keep this rank's slices of the full factors as adapter ``adapter_name`` (no communication)."""
+        like = self._factor_like()
         a, b = self.spec.layout.shard_factors(full_a, full_b, self.spec.rank, self.spec.world)
         dtype = self.lora_dtype or like.dtype
-        pa = nn.Parameter(a.to(device=like.device, dtype=dtype).contiguous())
-        pb = nn.Parameter(b.to(device=like.device, dtype=dtype).contiguous())
+        # copy=True: a parameter never aliases the caller's tensor (a loaded file's, a shared A).
+        pa = nn.Parameter(a.to(device=like.device, dtype=dtype, copy=True).contiguous())
+        pb = nn.Parameter(b.to(device=like.device, dtype=dtype, copy=True).contiguous())
         for which, p in (("lora_A", pa), ("lora_B", pb)):
             self.spec.layout.mark(p, which, sequence_parallel=self.spec.sequence_parallel,
                                   allreduce=not self.spec.is_expert)
@@ -219,6 +239,38 @@ class AdapterMixin:
         self.lora_A[adapter_name] = LoRAFactor(pa)
         self.lora_B[adapter_name] = LoRAFactor(pb)
         self._options[adapter_name] = options
+
+    def register_adapter(self, adapter_name: str, full_a: torch.Tensor, full_b: torch.Tensor, *,
+                         lora_alpha: float = 1.0, lora_dropout: float = 0.0, use_rslora: bool = False) -> None:
+        """Create (or replace) adapter ``adapter_name`` from the **full** factors: local, no communication.
+
+        Every rank of the layer's TP group passes the same full ``A [r, K]`` and ``B [N, r]`` and
+        keeps its slice (the layer's layout, partition stride included). This is what the adapter
+        loaders use; ``add_adapter``/``update_layer`` draw new factors instead.
+
+        Args:
+            adapter_name: the adapter's name (an existing one is replaced; it must not be merged).
+            full_a: ``[r, K]``. full_b: ``[N, r]`` (any float dtype and device; copied and cast to
+                the layer's LoRA dtype and device).
+            lora_alpha: alpha (s = alpha/r, or alpha/sqrt(r) with ``use_rslora``).
+            lora_dropout: dropout probability in [0, 1).
+            use_rslora: rank-stabilised scaling.
+
+        Raises:
+            ValueError: shapes that do not fit the layer, bad options, or a merged adapter.
+
+        Example:
+            >>> # a, b = init_full_factors(8, layer.in_features, layer.out_features, False)
+            >>> # layer.register_adapter("loaded", a, b, lora_alpha=16)
+        """
+        self._check_replaceable(adapter_name)
+        r = full_a.shape[0] if full_a.dim() == 2 else -1
+        want_a, want_b = (r, self.spec.in_features), (self.spec.out_features, r)
+        if tuple(full_a.shape) != want_a or tuple(full_b.shape) != want_b:
+            raise ValueError(f"full_a/full_b must be [r, K]={list(want_a)} and [N, r]={list(want_b)} for this "
+                             f"{self.spec.type_name}, got {list(full_a.shape)} and {list(full_b.shape)}")
+        options = AdapterOptions.build(r, lora_alpha, lora_dropout, use_rslora)
+        self._install(adapter_name, options, full_a.detach(), full_b.detach())
 
     def _factor_like(self) -> torch.Tensor:
         """A tensor whose device and dtype new factors take (the base weight, or any base parameter)."""

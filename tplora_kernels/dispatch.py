@@ -18,18 +18,18 @@ ValueError that names them, before any module is built.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from .base import UnsupportedBase, describe
-from .config import LoRAConfig, check_config, layer_options, pattern_value
-from .modules import ColumnParallelLoRA, RowParallelLoRA, _ParallelLoRA, lora_modules, unwrap_base_layer
+from .config import check_config, layer_options
+from .modules import ColumnParallelLoRA, LoRALayer, RowParallelLoRA, unwrap_base_layer
+from .naming import as_chunks, canonical_name, lora_sites
 
-__all__ = ["LoRAConfig", "apply_lora", "check_config", "dispatch_megatron", "layer_options", "pattern_value",
-           "unwrap_base_layer"]
+__all__ = ["apply_lora", "dispatch_megatron", "merge_adapters", "unmerge_adapters"]
 
 
 def _is_peft_config(config: Any) -> bool:
@@ -105,55 +105,66 @@ def _matches(name: str, targets: str | Iterable[str] | None) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def apply_lora(model: nn.Module, config: Any, adapter_name: str = "default", *, freeze: bool = True) -> list[str]:
+def apply_lora(model: nn.Module | Sequence[nn.Module], config: Any, adapter_name: str = "default", *,
+               freeze: bool = True) -> list[str]:
     """Wrap every targeted parallel linear of ``model`` in place, without PEFT: all or nothing.
 
-    Every target is checked and every wrapper built before the model changes; if any of them
-    fails, the model (its modules, ``requires_grad`` flags and torch's CPU generator state) is left
-    as it was and the error names the module. A module that is already ours gets
-    ``adapter_name`` added (``add_adapter``) instead, so calling this again with another name gives
-    a module several adapters. A tied output layer (``skip_weight_param_allocation=True``, called
-    with the embedding's weight) is wrapped too; it cannot be merged.
+    Modules are selected and their ``rank_pattern``/``alpha_pattern`` resolved by their canonical
+    name (``tplora_kernels.naming``: global layer and expert indices), so a config means the same
+    layers at every TP × PP × VPP × EP layout. Every target is checked and every wrapper built
+    before the model changes; if any of them fails, the model (its modules, ``requires_grad`` flags
+    and torch's CPU generator state) is left as it was and the error names the module. A module that
+    is already ours gets ``adapter_name`` added (``add_adapter``) instead, so calling this again with
+    another name gives a module several adapters. A tied output layer
+    (``skip_weight_param_allocation=True``, called with the embedding's weight) is wrapped too; it
+    cannot be merged.
 
     Args:
-        model: any module tree (e.g. a Megatron ``GPTModel``).
+        model: any module tree (e.g. a Megatron ``GPTModel``), or Megatron's list of model chunks.
         config: a ``LoRAConfig`` (or PEFT ``LoraConfig``); ``target_modules`` selects modules by
-            name suffix (list) or full-match regex (str); None selects every supported parallel linear.
+            canonical-name suffix (list) or full-match regex (str); None selects every supported
+            parallel linear.
         adapter_name: the adapter's name.
         freeze: freeze every parameter that is not a LoRA factor (PEFT's behaviour); False leaves
             the other parameters' ``requires_grad`` as they are (the base layers' weights are
             frozen either way).
 
     Returns:
-        The dotted names of the adapted modules.
+        The canonical names of the adapted modules, in chunk and module order.
 
     Raises:
         ValueError / TypeError: a target cannot be adapted (named), or nothing matched.
 
     Example:
-        >>> # names = apply_lora(gpt, LoRAConfig(r=16, lora_alpha=32,
+        >>> # names = apply_lora(gpt_chunks, LoRAConfig(r=16, lora_alpha=32,
         >>> #                    target_modules=["linear_qkv", "linear_proj"]))
     """
     check_config(config)
+    chunks = as_chunks(model)
     targets = getattr(config, "target_modules", None)
-    flags = {p: p.requires_grad for p in model.parameters()}
+    flags = {p: p.requires_grad for c in chunks for p in c.parameters()}
     rng = torch.get_rng_state()
-    built: list[tuple[str, nn.Module]] = []  # new wrappers, attached only once all are built
-    added: list[tuple[str, _ParallelLoRA, dict]] = []  # existing wrappers that get another adapter
+    built: list[tuple[nn.Module, str, str, nn.Module]] = []  # new wrappers, attached only once all are built
+    added: list[tuple[str, LoRALayer, dict]] = []  # existing wrappers that get another adapter
+    name = ""
     try:
-        for name, module in list(model.named_modules()):
-            if not name or not _matches(name, targets):
-                continue
-            if isinstance(module, _ParallelLoRA):
-                if adapter_name in module.lora_A:
-                    raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
-                added.append((name, module, layer_options(config, target_name=name)))
-                continue
-            if any(isinstance(m, _ParallelLoRA) for m in _ancestors(model, name)):
-                continue  # the base layer inside one of ours
-            new = dispatch_megatron(module, adapter_name, config, target_name=name)
-            if new is not None:
-                built.append((name, new))
+        for chunk in chunks:
+            for local, module in list(chunk.named_modules()):
+                if not local:
+                    continue
+                name = canonical_name(chunk, local)
+                if not _matches(name, targets):
+                    continue
+                if isinstance(module, LoRALayer):
+                    if adapter_name in module.lora_A:
+                        raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
+                    added.append((name, module, layer_options(config, target_name=name)))
+                    continue
+                if any(isinstance(m, LoRALayer) for m in _ancestors(chunk, local)):
+                    continue  # the base layer inside one of ours
+                new = dispatch_megatron(module, adapter_name, config, target_name=name)
+                if new is not None:
+                    built.append((chunk, local, name, new))
     except (ValueError, TypeError) as e:
         _restore(flags, rng)
         where = f" (module {name!r})" if name not in str(e) else ""
@@ -163,24 +174,71 @@ def apply_lora(model: nn.Module, config: Any, adapter_name: str = "default", *, 
         raise
     if not built and not added:
         raise ValueError(f"apply_lora: target_modules={targets!r} matched no supported parallel linear in the model")
-    tied = [name for name, new in built if new.spec.external_weight]
+    tied = [name for _, _, name, new in built if new.spec.external_weight]
     if tied and not freeze:
         _restore(flags, rng)
         raise ValueError(f"apply_lora changed nothing: {tied} use the embedding's weight (tied), which LoRA needs "
                          "frozen; pass freeze=True, or leave them out of target_modules")
-    for name, new in built:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    for chunk, local, _, new in built:
+        parent_name, _, child = local.rpartition(".")
+        setattr(chunk.get_submodule(parent_name) if parent_name else chunk, child, new)
     for _, module, opts in added:
         module.add_adapter(adapter_name, **opts)
     if freeze:
-        lora = {id(p) for _, m in lora_modules(model) for d in (m.lora_A, m.lora_B) for p in d.parameters()}
-        for p in model.parameters():
-            if id(p) not in lora:
-                p.requires_grad_(False)
-        _inputs_require_grad_under_recompute(model)
-    done = {n for n, _ in built} | {n for n, _, _ in added}
-    return [n for n, _ in model.named_modules() if n in done]
+        lora = {id(p) for s in lora_sites(chunks, LoRALayer) for d in (s.module.lora_A, s.module.lora_B)
+                for p in d.parameters()}
+        for chunk in chunks:
+            for p in chunk.parameters():
+                if id(p) not in lora:
+                    p.requires_grad_(False)
+            _inputs_require_grad_under_recompute(chunk)
+    done = {n for _, _, n, _ in built} | {n for n, _, _ in added}
+    return [s.name for s in lora_sites(chunks, LoRALayer) if s.name in done]
+
+
+def merge_adapters(model: nn.Module | Sequence[nn.Module], adapter_names: list[str] | None = None, *,
+                   safe_merge: bool = False) -> list[str]:
+    """Fold adapters into the base weights of every LoRA layer of a model (or its chunks). TP-local.
+
+    Each rank adds its own shard of ``s · B A`` to its own base weight shard, so no communication
+    is needed at any layout. Layers whose weight is passed at call time (a tied output layer) are
+    skipped, since merging would change the shared embedding.
+
+    Args:
+        model: a model holding our LoRA layers, or its list of model chunks.
+        adapter_names: adapters to merge (default: each layer's active ones).
+        safe_merge: check every merged weight for inf/NaN before writing it.
+
+    Returns:
+        The canonical names of the layers merged.
+
+    Example:
+        >>> # merge_adapters(chunks); logits = forward(chunks); unmerge_adapters(chunks)
+    """
+    done = []
+    for s in lora_sites(model, LoRALayer):
+        if s.module.spec.external_weight:
+            continue
+        s.module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        done.append(s.name)
+    return done
+
+
+def unmerge_adapters(model: nn.Module | Sequence[nn.Module]) -> list[str]:
+    """Undo ``merge_adapters`` on every LoRA layer that has merged adapters. TP-local.
+
+    Returns:
+        The canonical names of the layers unmerged.
+
+    Example:
+        >>> # unmerge_adapters(chunks)
+    """
+    done = []
+    for s in lora_sites(model, LoRALayer):
+        if s.module.merged:
+            s.module.unmerge()
+            done.append(s.name)
+    return done
 
 
 def _inputs_require_grad_under_recompute(model: nn.Module) -> None:

@@ -41,13 +41,14 @@ from .base import describe
 from .functional import _column, _row, parallel_linear
 from .mask import dropout_threshold
 from .multi import BASE, build_mix
+from .naming import lora_sites
 from .rng import SeedLike, check_seed
 
-__all__ = ["ColumnParallelLoRA", "LoRAFactor", "RowParallelLoRA", "init_full_factors", "lora_modules",
+__all__ = ["ColumnParallelLoRA", "LoRAFactor", "LoRALayer", "RowParallelLoRA", "init_full_factors", "lora_modules",
            "set_batch_adapters", "unwrap_base_layer"]
 
 
-class _ParallelLoRA(AdapterMixin, nn.Module):
+class LoRALayer(AdapterMixin, nn.Module):
     """The shared body of the two modules: construction, checkpointing and the one forward."""
 
     kind: str = ""
@@ -222,20 +223,21 @@ class _ParallelLoRA(AdapterMixin, nn.Module):
                 f"active={self.active_adapter!r}")
 
 
-def lora_modules(model: nn.Module) -> list[tuple[str, _ParallelLoRA]]:
-    """Every ``ColumnParallelLoRA``/``RowParallelLoRA`` in ``model`` (itself included), in module order.
+def lora_modules(model: nn.Module | Sequence[nn.Module]) -> list[tuple[str, LoRALayer]]:
+    """Every ``ColumnParallelLoRA``/``RowParallelLoRA`` in ``model`` (or its chunks), in chunk and module order.
 
     Args:
-        model: any module.
+        model: any module (itself included), or Megatron's list of model chunks.
 
     Returns:
-        ``[(dotted name, module), ...]`` as ``model.named_modules()`` names them.
+        ``[(canonical name, module), ...]``: names by ``tplora_kernels.naming``'s rule (global layer
+        and expert indices, no ``base_model.model.`` prefix), the same at every parallel layout.
 
     Example:
         >>> lora_modules(torch.nn.Linear(2, 2))
         []
     """
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _ParallelLoRA)]
+    return [(s.name, s.module) for s in lora_sites(model, LoRALayer)]
 
 
 def unwrap_base_layer(target: nn.Module) -> nn.Module:
@@ -257,7 +259,7 @@ def unwrap_base_layer(target: nn.Module) -> nn.Module:
     return target
 
 
-def set_batch_adapters(model: nn.Module, adapter_names: Sequence[str] | None) -> None:
+def set_batch_adapters(model: nn.Module | Sequence[nn.Module], adapter_names: Sequence[str] | None) -> None:
     """Name each sample's adapter for the forward passes to come (a mixed batch), or stop (None).
 
     Every LoRA layer of ``model`` then runs the batch with each sample's own adapter
@@ -267,7 +269,7 @@ def set_batch_adapters(model: nn.Module, adapter_names: Sequence[str] | None) ->
     ``peft_model.base_model.set_adapter([...])``) so that their factors get gradients.
 
     Args:
-        model: a model holding our LoRA modules (a PeftModel too).
+        model: a model holding our LoRA modules (a PeftModel too), or its list of model chunks.
         adapter_names: one name per sample (the batch dim of megatron's ``[s, b, h]``), or None.
 
     Raises:
@@ -315,7 +317,7 @@ _MODULE_ARGS = """
 """
 
 
-class ColumnParallelLoRA(_ParallelLoRA):
+class ColumnParallelLoRA(LoRALayer):
     __doc__ = f"""LoRA around a megatron-core ``ColumnParallelLinear``, fused, adding no collective.
 {_MODULE_ARGS}
     Shapes:
@@ -354,7 +356,7 @@ class ColumnParallelLoRA(_ParallelLoRA):
         return self._forward(x, weight, gather and self.spec.world > 1, adapter_names)
 
 
-class RowParallelLoRA(_ParallelLoRA):
+class RowParallelLoRA(LoRALayer):
     __doc__ = f"""LoRA around a megatron-core ``RowParallelLinear``, fused, adding no collective.
 {_MODULE_ARGS}
     Shapes:

@@ -41,7 +41,7 @@ __all__ = ["PeftColumnParallelLoRA", "PeftRowParallelLoRA", "register"]
 
 
 class _PeftLoRAMixin:
-    """PEFT's LoraLayer contract on top of ``_ParallelLoRA``; first in the MRO of both classes."""
+    """PEFT's LoraLayer contract on top of ``LoRALayer``; first in the MRO of both classes."""
 
     # PEFT's generic layer helpers iterate these names; ours has no embedding/DoRA containers.
     adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B")

@@ -19,6 +19,14 @@ agree between the TP ranks of a layer and between a forward and its recompute. T
 3. **Otherwise, torch's default generator on x's device** (no Megatron model), which
    ``torch.utils.checkpoint`` restores before a recompute.
 
+**Pipeline stages.** Each stage draws from its own generators. Megatron's training seeds stage p
+with ``seed + 100·p``, so the stages' draws differ; a loop that seeds every stage alike would
+make stage 1's k-th draw equal stage 0's, and layer L + n (stage 1) would reuse layer L's masks.
+So rules 2 and 3 mix the pipeline rank into the seed (XOR with ``pp_rank · 0x9E3779B97F4A7C15``
+mod 2⁶³, when Megatron's parallel_state has PP > 1): the stages' seeds differ however they were
+seeded, identically on every TP rank of a stage and on a recompute. An explicit seed (rule 1) is
+used as given.
+
 The draw is a device-side ``randint``: no host sync and no collective.
 ``torch.utils.checkpoint`` restores torch's generators but not the tracker's states; inside a
 Megatron model use megatron's checkpoint, or pass ``context_fn=checkpoint_context_fn`` (non-reentrant
@@ -71,6 +79,20 @@ def _megatron_tracker():
     return tracker
 
 
+_GOLDEN = 0x9E3779B97F4A7C15 % (1 << 63)  # odd multiplier: distinct pipeline ranks give distinct salts
+
+
+def _stage_salt() -> int:
+    """``pp_rank · golden mod 2⁶³`` under Megatron pipeline parallelism, else 0 (see the module docstring)."""
+    try:
+        from megatron.core import parallel_state as ps
+    except ImportError:
+        return 0
+    if not ps.model_parallel_is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
+        return 0
+    return (ps.get_pipeline_model_parallel_rank() * _GOLDEN) % (1 << 63)
+
+
 def draw_seed(device: torch.device | str) -> torch.Tensor:
     """A fresh dropout seed by the module's rule 2 or 3, as a ``[1]`` int64 tensor on ``device``.
 
@@ -86,9 +108,12 @@ def draw_seed(device: torch.device | str) -> torch.Tensor:
     """
     tracker = _megatron_tracker()
     if tracker is None:
-        return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
-    with tracker.fork(TRACKER_STATE):
-        return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+        seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+    else:
+        with tracker.fork(TRACKER_STATE):
+            seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+    salt = _stage_salt()
+    return seed.bitwise_xor_(salt) if salt else seed
 
 
 def _as_int64(value: int) -> int:

@@ -1,4 +1,4 @@
-"""Adapters under Hugging Face module names: export for vLLM/PEFT, import from HF PEFT.
+"""Hugging Face module names for adapters: the mapping, and the conversion both ways, with no model I/O.
 
 A megatron-core ``GPTModel`` fuses what a Hugging Face model keeps apart, so one Megatron LoRA
 layer is several HF LoRA targets (names of megatron-core 0.16.1 / transformers 5.24):
@@ -45,40 +45,31 @@ block's scale folded into its B; a file whose blocks share one A (our export) lo
 Inference is then the same; training is not quite: PEFT draws a dropout mask per HF module, while
 the fused layer draws one for its input.
 
-Not covered: Transformer Engine layers (``TELayerNormColumnParallelLinear`` ...; not installable
-on the CPU machines this was tested on), multi-latent attention, attention output gates, shared
-experts, and pipeline-split models (layer numbers must be global).
+Layer numbers are global (``tplora_kernels.naming``): ``decoder.layers.{i}`` is the model's
+layer i on every pipeline layout, so ``model.layers.{i}`` is the same HF layer from any stage.
+
+Not covered: Transformer Engine layers (``TELayerNormColumnParallelLinear`` ...; Transformer
+Engine needs CUDA to build and import, so it was not tested), multi-latent attention, attention
+output gates, shared experts.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
-from . import distributed as D
-from .adapters import AdapterOptions
-from .checkpoint import (
-    PEFT_PREFIX,
-    _expert_containers,
-    _plain_name,
-    _read,
-    _resolve_adapter,
-    gather_full_factors,
-    global_module_names,
-    write_adapter_files,
-)
-from .config import pattern_value
-from .modules import lora_modules
+from ..adapters import AdapterOptions
+from ..config import pattern_value
+from ..naming import PEFT_PREFIX, plain_name
 
-__all__ = ["ARCHS", "MOE_FORMATS", "export_hf_adapter", "hf_targets", "load_hf_adapter"]
+__all__ = ["ARCHS", "MOE_FORMATS", "HFExport", "Reader", "Target", "check_arch", "combine", "heads_of",
+           "hf_targets"]
 
 ARCHS = ("llama", "qwen2", "mixtral")
 MOE_FORMATS = ("fused", "per_expert")
@@ -104,7 +95,9 @@ class Target:
 
 
 @dataclass(frozen=True)
-class _Heads:
+class Heads:
+    """What the mapping needs of a model's TransformerConfig."""
+
     heads: int
     groups: int
     head_dim: int
@@ -125,16 +118,22 @@ class _Factor:
 
 
 # -- argument checks and the Megatron config -------------------------------------------------
-def _check_arch(arch: Any, moe_format: Any = "fused") -> None:
+def check_arch(arch: Any, moe_format: Any = "fused") -> None:
+    """Raise ValueError unless ``arch`` is one of ``ARCHS`` and ``moe_format`` one of ``MOE_FORMATS``."""
     if not isinstance(arch, str) or arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if moe_format not in MOE_FORMATS:
         raise ValueError(f"moe_format must be one of {MOE_FORMATS}, got {moe_format!r}")
 
 
-def _heads(model: Any, mods) -> _Heads:
-    """Head/group counts from a TransformerConfig: ``model`` itself, ``model.config`` or a layer's."""
-    candidates = [model, getattr(model, "config", None), *(getattr(m.base_layer, "config", None) for _, m in mods)]
+def heads_of(chunks: Sequence[Any], modules: Sequence[Any]) -> Heads:
+    """Head/group counts from a megatron TransformerConfig: a chunk itself, ``chunk.config`` or a layer's.
+
+    Raises:
+        TypeError: no TransformerConfig found. ValueError: attention output gates (no HF counterpart).
+    """
+    candidates = [c for chunk in chunks for c in (chunk, getattr(chunk, "config", None))]
+    candidates += [getattr(m.base_layer, "config", None) for m in modules]
     cfg = next((c for c in candidates if hasattr(c, "num_attention_heads")), None)
     if cfg is None:
         raise TypeError("model must carry megatron's TransformerConfig as model.config (a GPTModel does); found none")
@@ -144,11 +143,11 @@ def _heads(model: Any, mods) -> _Heads:
     heads = int(cfg.num_attention_heads)
     groups = int(cfg.num_query_groups or heads)
     head_dim = int(cfg.kv_channels or cfg.hidden_size // heads)
-    return _Heads(heads, groups, head_dim, bool(cfg.gated_linear_unit), int(cfg.num_layers),
-                  int(getattr(cfg, "num_moe_experts", None) or 0))
+    return Heads(heads, groups, head_dim, bool(cfg.gated_linear_unit), int(cfg.num_layers),
+                 int(getattr(cfg, "num_moe_experts", None) or 0))
 
 
-def _qkv_rows(h: _Heads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qkv_rows(h: Heads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Megatron's qkv output rows of HF's q (heads in HF order), k and v."""
     per = h.heads // h.groups
     idx = torch.arange(h.groups * (per + 2) * h.head_dim).view(h.groups, per + 2, h.head_dim)
@@ -167,7 +166,7 @@ def hf_targets(name: str, out_features: int, *, arch: str, heads: Any, moe_forma
             ``base_model.model.`` or other leading prefix is ignored).
         out_features: the layer's full output size N.
         arch: one of ``ARCHS``.
-        heads: the model's megatron ``TransformerConfig``, or the model.
+        heads: ``heads_of(...)``, the model's megatron ``TransformerConfig``, or the model.
         moe_format: ``"fused"`` or ``"per_expert"`` (Mixtral experts only).
 
     Returns:
@@ -180,9 +179,9 @@ def hf_targets(name: str, out_features: int, *, arch: str, heads: Any, moe_forma
         >>> # hf_targets("decoder.layers.0.mlp.linear_fc1", 256, arch="llama", heads=model.config)
         >>> # [Target('model.layers.0.mlp.gate_proj', rows=0..127), Target('model.layers.0.mlp.up_proj', rows=128..255)]
     """
-    _check_arch(arch, moe_format)
-    h = heads if isinstance(heads, _Heads) else _heads(heads, [])
-    plain = _plain_name(name)
+    check_arch(arch, moe_format)
+    h = heads if isinstance(heads, Heads) else heads_of([heads], [])
+    plain = plain_name(name)
     if plain == "output_layer" or plain.endswith(".output_layer"):
         return [Target("lm_head")]
     m = _LAYER.match(plain)
@@ -241,128 +240,13 @@ def _fused_key(param: str, targeted: set[str], which: str) -> str:
     return _lora_key(module + ".base_layer" * depth, which)
 
 
-# -- export ----------------------------------------------------------------------------------
-def export_hf_adapter(model: nn.Module, path: str | os.PathLike, *, arch: str, adapter_name: str | None = None,
-                      moe_format: str = "fused", group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
-    """Write a TP model's adapter as a PEFT adapter of the Hugging Face model of the same architecture.
-
-    Every rank of ``group`` (default: the whole job) calls it: each layer all-gathers its factors
-    over its TP group (expert layers also over their expert-parallel group), then the group's
-    rank 0 writes ``adapter_model.safetensors`` and ``adapter_config.json``. Everything is checked
-    on every rank before the first collective. ``PeftModel.from_pretrained(hf_model, path)`` then
-    computes what the Megatron model computes (the module docstring has the mapping, the scale
-    rule and the Mixtral formats).
-
-    Args:
-        model: a megatron-core ``GPTModel`` (or a PeftModel of one) holding our LoRA layers, not
-            pipeline-split; ``model.config`` is its ``TransformerConfig``.
-        path: output directory (created).
-        arch: ``"llama"``, ``"qwen2"`` or ``"mixtral"``: the HF architecture of the same model.
-        adapter_name: the adapter to export (default: the active one).
-        moe_format: Mixtral experts as ``"fused"`` transformers-5 parameter targets or as
-            ``"per_expert"`` transformers-4 modules (``w1``/``w3``/``w2``).
-        group: the ranks that call it; its rank 0 writes.
-
-    Returns:
-        ``{key: tensor}`` as written, on every rank: ``base_model.model.<HF module>.lora_A.weight``
-        ``[r, K]`` and ``.lora_B.weight`` ``[N_block, r]`` (fp32); a fused expert parameter's
-        ``[E*r, K]`` and ``[N, E*r]``.
-
-    Raises:
-        ValueError / TypeError: a bad argument, no LoRA layers, a layer with no HF counterpart, a
-            model config that does not describe the layers (every rank alike). OSError: the write.
-
-    Example:
-        >>> # export_hf_adapter(gpt_model, "out/hf_adapter", arch="llama")      # on every rank, TP=2
-        >>> # PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(...), "out/hf_adapter")
-    """
-    _check_arch(arch, moe_format)
-    mods = lora_modules(model)
-    if not mods:
-        raise ValueError("model must contain ColumnParallelLoRA/RowParallelLoRA modules (apply_lora); found none")
-    name = _resolve_adapter(model, mods, adapter_name)
-    heads = _heads(model, mods)
-    names, _ = global_module_names(model)
-    # Every check (names, shapes, options) happens here, before the first collective.
-    plan = [(n, m, m.adapter_options(name), hf_targets(names[n], m.out_features, arch=arch, heads=heads,
-                                                       moe_format=moe_format)) for n, m in mods]
-    r0, alpha0, rslora = Counter((o.r, o.lora_alpha, o.use_rslora) for _, _, o, _ in plan).most_common(1)[0][0]
-    s0, r_ref = _scale(r0, alpha0, rslora), r0
-    dropout = Counter(o.lora_dropout for _, _, o, _ in plan).most_common(1)[0][0]
-    factors = {}
-    for n, m, o, targets in plan:
-        a, b = (x.float().cpu() for x in gather_full_factors(m, name))
-        factors[n] = [_Factor(t, a, b if t.rows is None else b[t.rows], o.lora_alpha, o.scaling) for t in targets]
-    found = _with_remote_experts(model, factors)
-    per_expert = [f.a.shape[0] for f in found if "block_sparse_moe" in f.target.name]
-    if per_expert:
-        # PEFT's conversion onto transformers 5's fused experts gives every expert the file's r.
-        r0 = max(r0, *per_expert)
-    tensors, ranks = _pack(found, s0, heads.experts, expert_rank=r0 if per_expert else None)
-    # PEFT refuses lora_dropout on parameter targets (which per-expert modules become in transformers 5).
-    experts = per_expert or any(f.target.expert is not None for f in found)
-    config = _adapter_config(ranks, r0, s0, None if rslora else (r_ref, alpha0), heads,
-                             dropout=0.0 if experts else dropout)
-    write_adapter_files(path, tensors, config, group=group)
-    return tensors
-
-
-def _with_remote_experts(model: nn.Module, factors: dict[str, list[_Factor]]) -> list[_Factor]:
-    """This rank's factors, plus the experts that the other expert-parallel ranks hold."""
-    out: list[_Factor] = []
-    shared: set[str] = set()
-    for prefix, container in _expert_containers(model):
-        if D.group_size(container.ep_group) <= 1:
-            continue
-        head = f"{prefix}.local_experts." if prefix else "local_experts."
-        mine = [f for n, fs in factors.items() if n.startswith(head) for f in fs]
-        shared.update(n for n in factors if n.startswith(head))
-        gathered: list = [None] * D.group_size(container.ep_group)
-        dist.all_gather_object(gathered, mine, group=container.ep_group)
-        out.extend(f for part in gathered for f in part)
-    return out + [f for n, fs in factors.items() if n not in shared for f in fs]
-
-
 def _pad(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank ``r`` factors with the same product: zero rows of A, zero columns of B."""
     k = a.shape[0]
     return (torch.cat([a, a.new_zeros(r - k, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], r - k)], dim=1))
 
 
-def _pack(found: list[_Factor], s0: float, experts: int,
-          expert_rank: int | None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """The file's tensors at the one scale ``s0``, and each target's rank."""
-    tensors, ranks = {}, {}
-    fused: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for f in found:
-        b = f.b if f.scale == s0 else f.b * (f.scale / s0)
-        if f.target.expert is not None:
-            fused.setdefault(f.target.name, {})[f.target.expert] = (f.a, b)
-            continue
-        a = f.a.clone()  # the blocks of one layer share A; a file cannot hold shared storage
-        if expert_rank is not None and "block_sparse_moe" in f.target.name:
-            a, b = _pad(a, b, expert_rank)
-        tensors[_lora_key(f.target.name, "lora_A")], tensors[_lora_key(f.target.name, "lora_B")] = a, b
-        ranks[f.target.name] = a.shape[0]
-    targeted: dict[str, set[str]] = {}
-    for param in fused:
-        module, _, leaf = param.rpartition(".")
-        targeted.setdefault(module, set()).add(leaf)
-    for param, by_expert in fused.items():
-        # PEFT's ParamWrapper: expert e's A is rows e*r.., its B columns e, e+E, ... (B viewed [N, r, E]).
-        r = max(a.shape[0] for a, _ in by_expert.values())
-        k, n = next(iter(by_expert.values()))[0].shape[1], next(iter(by_expert.values()))[1].shape[0]
-        a_all, b_all = torch.zeros(experts, r, k), torch.zeros(n, r, experts)
-        for e, (a, b) in by_expert.items():
-            a_all[e, :a.shape[0]], b_all[:, :b.shape[1], e] = a, b
-        module = param.rpartition(".")[0]
-        tensors[_fused_key(param, targeted[module], "lora_A")] = a_all.reshape(experts * r, k)
-        tensors[_fused_key(param, targeted[module], "lora_B")] = b_all.reshape(n, r * experts)
-        ranks[param] = r
-    return {k: v.contiguous() for k, v in tensors.items()}, ranks
-
-
-def _adapter_config(ranks: dict[str, int], r0: int, s0: float, ref: tuple[int, float] | None, heads: _Heads, *,
+def _adapter_config(ranks: dict[str, int], r0: int, s0: float, ref: tuple[int, float] | None, heads: Heads, *,
                     dropout: float) -> dict:
     """adapter_config.json: one LoRA scale ``s0`` everywhere (``use_rslora`` off, alpha = s0 * r).
 
@@ -383,7 +267,7 @@ def _adapter_config(ranks: dict[str, int], r0: int, s0: float, ref: tuple[int, f
             "rank_pattern": other, "alpha_pattern": {n: alpha(r) for n, r in other.items()}}
 
 
-def _selectors(names: list[str], heads: _Heads) -> list[str]:
+def _selectors(names: list[str], heads: Heads) -> list[str]:
     """Leaf names where one selects exactly these targets (every layer adapted), else the full names."""
     count = Counter(n.rpartition(".")[2] for n in names)
     out = set()
@@ -394,12 +278,110 @@ def _selectors(names: list[str], heads: _Heads) -> list[str]:
     return sorted(out)
 
 
-# -- import ----------------------------------------------------------------------------------
-class _Reader:
-    """An HF PEFT adapter's factors by target, checked against the config; remembers the keys read."""
+def _pack(found: list[_Factor], s0: float, experts: int, expert_rank: int | None) -> dict[str, torch.Tensor]:
+    """The file's tensors at the one scale ``s0``."""
+    tensors = {}
+    fused: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for f in found:
+        b = f.b if f.scale == s0 else f.b * (f.scale / s0)
+        if f.target.expert is not None:
+            fused.setdefault(f.target.name, {})[f.target.expert] = (f.a, b)
+            continue
+        a = f.a.clone()  # the blocks of one layer share A; a file cannot hold shared storage
+        if expert_rank is not None and "block_sparse_moe" in f.target.name:
+            a, b = _pad(a, b, expert_rank)
+        tensors[_lora_key(f.target.name, "lora_A")], tensors[_lora_key(f.target.name, "lora_B")] = a, b
+    targeted: dict[str, set[str]] = {}
+    for param in fused:
+        module, _, leaf = param.rpartition(".")
+        targeted.setdefault(module, set()).add(leaf)
+    for param, by_expert in fused.items():
+        # PEFT's ParamWrapper: expert e's A is rows e*r.., its B columns e, e+E, ... (B viewed [N, r, E]).
+        r = max(a.shape[0] for a, _ in by_expert.values())
+        k, n = next(iter(by_expert.values()))[0].shape[1], next(iter(by_expert.values()))[1].shape[0]
+        a_all, b_all = torch.zeros(experts, r, k), torch.zeros(n, r, experts)
+        for e, (a, b) in by_expert.items():
+            a_all[e, :a.shape[0]], b_all[:, :b.shape[1], e] = a, b
+        module = param.rpartition(".")[0]
+        tensors[_fused_key(param, targeted[module], "lora_A")] = a_all.reshape(experts * r, k)
+        tensors[_fused_key(param, targeted[module], "lora_B")] = b_all.reshape(n, r * experts)
+    return {k: v.contiguous() for k, v in tensors.items()}
 
-    def __init__(self, path: str | os.PathLike, cfg: dict, tensors: dict[str, torch.Tensor], heads: _Heads) -> None:
-        self.path, self.cfg, self.tensors, self.heads = os.fspath(path), cfg, tensors, heads
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the export needs of one layer before its tensors move: its options and full sizes."""
+
+    options: AdapterOptions
+    in_features: int
+    out_features: int
+
+
+class HFExport:
+    """The conversion of one adapter to a Hugging Face PEFT adapter, planned from every layer's options.
+
+    Planning needs only the options of every layer of the model (which every rank knows after the
+    agreement step), so the config and every check come before any tensor moves; ``tensors``
+    then converts one transformer layer's full factors at a time (all experts of a layer together).
+
+    Args:
+        infos: ``{canonical name: LayerInfo}`` of every LoRA layer of the model.
+        heads: ``heads_of(...)``.
+        arch: one of ``ARCHS``. moe_format: one of ``MOE_FORMATS``.
+
+    Raises:
+        ValueError: a layer with no counterpart in ``arch``, or a config that does not describe it.
+    """
+
+    def __init__(self, infos: Mapping[str, LayerInfo], heads: Heads, *, arch: str, moe_format: str) -> None:
+        check_arch(arch, moe_format)
+        self.heads, self.infos = heads, dict(infos)
+        self.targets = {n: hf_targets(n, i.out_features, arch=arch, heads=heads, moe_format=moe_format)
+                        for n, i in infos.items()}
+        opts = [i.options for i in infos.values()]
+        r0, alpha0, rslora = Counter((o.r, o.lora_alpha, o.use_rslora) for o in opts).most_common(1)[0][0]
+        self.s0 = _scale(r0, alpha0, rslora)
+        dropout = Counter(o.lora_dropout for o in opts).most_common(1)[0][0]
+        per_expert = [i.options.r for n, i in infos.items()
+                      if any("block_sparse_moe" in t.name for t in self.targets[n])]
+        fused = any(t.expert is not None for ts in self.targets.values() for t in ts)
+        # PEFT's conversion onto transformers 5's fused experts gives every expert the file's r.
+        self.expert_rank = max(r0, *per_expert) if per_expert else None
+        r_file = self.expert_rank or r0
+        ranks: dict[str, int] = {}
+        for n, ts in self.targets.items():
+            for t in ts:
+                if t.expert is not None:
+                    ranks[t.name] = max(ranks.get(t.name, 0), infos[n].options.r)
+                else:
+                    ranks[t.name] = r_file if "block_sparse_moe" in t.name else infos[n].options.r
+        # PEFT refuses lora_dropout on parameter targets (which per-expert modules become in transformers 5).
+        self.config = _adapter_config(ranks, r_file, self.s0, None if rslora else (r0, alpha0), heads,
+                                      dropout=0.0 if (per_expert or fused) else dropout)
+
+    def tensors(self, layer: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """HF PEFT tensors of one transformer layer from its full factors ``{canonical name: (A, B)}`` (fp32)."""
+        found = []
+        for n, (a, b) in layer.items():
+            o = self.infos[n].options
+            a, b = a.float(), b.float()
+            found += [_Factor(t, a, b if t.rows is None else b[t.rows], o.lora_alpha, o.scaling)
+                      for t in self.targets[n]]
+        return _pack(found, self.s0, self.heads.experts, self.expert_rank)
+
+
+# -- import ----------------------------------------------------------------------------------
+class Reader:
+    """An HF PEFT adapter's factors by target, checked against its config; remembers the keys it read.
+
+    Args:
+        where: names the adapter in messages (its path).
+        cfg: its ``adapter_config.json``. tensors: its ``{key: tensor}``.
+        heads: ``heads_of(...)`` of the Megatron model it is read into.
+    """
+
+    def __init__(self, where: str, cfg: dict, tensors: Mapping[str, torch.Tensor], heads: Heads) -> None:
+        self.path, self.cfg, self.tensors, self.heads = where, cfg, tensors, heads
         self.used: set[str] = set()
         self.rslora = bool(cfg.get("use_rslora", False))
         self.params = list(cfg.get("target_parameters") or [])
@@ -465,7 +447,7 @@ class _Reader:
         return []
 
 
-def _combine(found: list[_Factor], out_features: int, rslora: bool) -> tuple[int, float, torch.Tensor, torch.Tensor]:
+def combine(found: list[_Factor], out_features: int, rslora: bool) -> tuple[int, float, torch.Tensor, torch.Tensor]:
     """One LoRA ``(r, alpha, A [r, K], B [N, r])`` whose product is every found block's, in its rows.
 
     Blocks with one shared A keep its rank; else the A's are stacked (rank = the sum) and B is
@@ -485,84 +467,3 @@ def _combine(found: list[_Factor], out_features: int, rslora: bool) -> tuple[int
         b[rows, cols] = f.b if f.scale == first.scale else f.b * (f.scale / first.scale)
         start += f.a.shape[0]
     return r, first.alpha if shared else _alpha_for(first.scale, r, rslora), a, b
-
-
-def _stand_ins(local: dict[str, Any]) -> dict[str, Any]:
-    """``{global name with the expert index as *: a local module}`` (experts of one layer are alike)."""
-    return {re.sub(r"local_experts\.\d+\.", "local_experts.*.", n): m for n, m in local.items()}
-
-
-def load_hf_adapter(model: nn.Module, path: str | os.PathLike, *, arch: str, adapter_name: str = "default",
-                    activate: bool = True, strict: bool = True) -> list[str]:
-    """Load a Hugging Face PEFT adapter of ``arch`` into a TP Megatron model of any TP/EP size.
-
-    Every rank reads the files and keeps its slice; no communication. The adapter may give q, k
-    and v (gate and up) their own A, r and alpha: each Megatron layer gets one LoRA whose product
-    reproduces every block (see the module docstring). Everything is checked, for every layer
-    of every expert-parallel rank, before the model changes, so every rank raises the same error
-    and a bad file leaves the model untouched. An existing adapter ``adapter_name`` is replaced.
-
-    Args:
-        model: a megatron-core ``GPTModel`` (or a PeftModel of one) whose targeted layers hold our
-            LoRA modules (``apply_lora`` with the matching ``target_modules``).
-        path: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``/``.bin``)
-            of the HF model: module targets, and for Mixtral experts either PEFT's fused
-            ``target_parameters`` or transformers 4's per-expert ``w1``/``w3``/``w2`` modules.
-        arch: ``"llama"``, ``"qwen2"`` or ``"mixtral"``.
-        adapter_name: the name to load it under.
-        activate: make it every layer's active adapter.
-        strict: every LoRA layer of the model must find its tensors, and every tensor a layer. With
-            ``strict=False`` layers without tensors keep their adapters and unknown tensors are ignored.
-
-    Returns:
-        The dotted names of this rank's layers that were loaded.
-
-    Raises:
-        ValueError / TypeError: a bad argument, a file that does not fit the model (shapes, ranks
-            vs ``rank_pattern``, unsupported LoRA options, missing or unused tensors under ``strict``).
-
-    Example:
-        >>> # apply_lora(gpt, LoRAConfig(r=1, target_modules=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]))
-        >>> # load_hf_adapter(gpt, "hf_lora_dir", arch="llama")    # on every rank, any TP size
-    """
-    _check_arch(arch)
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
-    cfg, tensors = _read(path)
-    mods = lora_modules(model)
-    if not mods:
-        raise ValueError("model must contain ColumnParallelLoRA/RowParallelLoRA modules (apply_lora with the layers "
-                         "to load into); found none")
-    reader = _Reader(path, cfg, tensors, _heads(model, mods))
-    names, everywhere = global_module_names(model)
-    local = {names[n]: (n, m) for n, m in mods}
-    stand_ins = _stand_ins(local)
-    dropout = float(cfg.get("lora_dropout", 0.0))
-    plan, missing = [], []
-    for name in sorted(everywhere):
-        # Another EP rank's expert is checked against a local expert of its layer: all ranks see all layers.
-        local_name, m = local.get(name) or stand_ins[re.sub(r"local_experts\.\d+\.", "local_experts.*.", name)]
-        found = reader.layer(name, arch, m.in_features, m.out_features)
-        if not found:
-            missing.append(name)
-            continue
-        r, alpha, a, b = _combine(found, m.out_features, reader.rslora)
-        AdapterOptions.build(r, alpha, dropout, reader.rslora)  # raises on a bad alpha/dropout, before any change
-        if adapter_name in m.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into {local_name!r}; unmerge() before loading")
-        if name in local:
-            plan.append((local_name, m, r, alpha, a, b))
-    unused = sorted(k for k in tensors if k not in reader.used)
-    if strict and (missing or unused):
-        raise ValueError(f"load_hf_adapter(strict=True): {len(missing)} LoRA layer(s) without tensors in {path} "
-                         f"(e.g. {missing[:3]}) and {len(unused)} tensor(s) without a LoRA layer (e.g. {unused[:3]}); "
-                         "apply_lora to the layers the adapter targets, or pass strict=False")
-    if len(missing) == len(everywhere):
-        raise ValueError(f"{path}: none of the model's {len(everywhere)} LoRA layers found its tensors under "
-                         f"arch={arch!r} (the file has e.g. {sorted(tensors)[:2]})")
-    for _, m, r, alpha, a, b in plan:
-        m._create_adapter(adapter_name, r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=reader.rslora)
-        m.load_full_factors(adapter_name, a, b)
-        if activate:
-            m.set_adapter(adapter_name)
-    return [p[0] for p in plan]

@@ -1,0 +1,122 @@
+"""Pipeline-parallel GPTModels: training through Megatron's own schedules, and every adapter path by global layer.
+
+One 4-rank gloo world (``tests/support/pipeline.py``) trains the same Llama-style GPTModel with
+LoRA at TP1×PP1 (the reference), TP1×PP2 (1F1B), TP2×PP2 with sequence parallelism, PP2 with
+two virtual stages per rank (the interleaved schedule) and, with MoE, PP2 × EP2; each layout
+saves its adapter as PEFT files, as a Hugging Face adapter and as an adapter-only dist checkpoint,
+and loads what the layouts before it saved into fresh models with other factors. A last TP1×PP1
+model loads every layout's files. What is proven:
+
+* training at every layout equals PP=1: the same losses and the same trained factors;
+* the in-memory export (``adapter_state_dict``) and the files name every layer by its global
+  index: a file from any layout holds every layer, and the HF export is bit-identical to the
+  in-memory HF export;
+* every round trip (PP2 → PP1, PP1 → PP2, TP2×PP2 → TP1×PP1 and back, VPP, EP) gives the source
+  model's logits;
+* refused calls (a file without a layer, a group without a pipeline stage, a checkpoint of another
+  rank) raise on every rank, naming the layer by its global name, and nothing hangs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support import gpt as G
+from tests.support import pipeline as PL
+
+REFERENCE = PL.Layout()
+TRAINED = [REFERENCE, PL.Layout(pp=2), PL.Layout(tp=2, pp=2, sp=True), PL.Layout(pp=2, vpp=2)]
+MOE = [PL.Layout(moe=True), PL.Layout(pp=2, ep=2, moe=True)]
+FP32 = 1e-5  # fp32 results computed in another order (TP partial sums, schedule): relative
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    """Rank 0's results of every task (every task's every rank is checked for errors)."""
+    root = str(tmp_path_factory.mktemp("pipeline"))
+    tasks = PL.layouts_tasks(root, TRAINED, extra=[REFERENCE])
+    tasks += PL.layouts_tasks(root + "/moe", MOE)
+    tasks.append(("refusals", "tests.support.pipeline:refusals_task", dict(layout={"pp": 2}, root=root)))
+    ranks = G.run_world(4, tasks, root, timeout=900)
+    errors = [str(v) for r in ranks for v in r.values() if isinstance(v, G.TaskError)]
+    assert not errors, "\n".join(errors)
+    return ranks
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("layout", TRAINED[1:] + MOE[1:], ids=lambda lay: lay.label)
+def test_training_equals_pp1(worlds, layout):
+    got = worlds[0][layout.label]
+    ref = worlds[0][(MOE[0] if layout.moe else REFERENCE).label]
+    drift = [abs(a - b) / abs(b) for a, b in zip(got["losses"], ref["losses"])]
+    assert max(drift) <= FP32, f"{layout.label}: loss drift per step {drift} against PP=1"
+    assert sorted(got["factors"]) == sorted(ref["factors"]), (
+        f"{layout.label}: the adapter's layers differ from PP=1's: only here "
+        f"{sorted(set(got['factors']) - set(ref['factors']))[:4]}, only at PP=1 "
+        f"{sorted(set(ref['factors']) - set(got['factors']))[:4]}")
+    worst = max((_rel(got["factors"][k], ref["factors"][k]), k) for k in ref["factors"])
+    assert worst[0] <= FP32, f"{layout.label}: trained factor {worst[1]} differs from PP=1's by {worst[0]:.2e}"
+    assert _rel(got["logits"], ref["logits"]) <= FP32, f"{layout.label}: logits after training differ from PP=1's"
+
+
+@pytest.mark.parametrize("layout", TRAINED + MOE, ids=lambda lay: lay.label)
+def test_exports_hold_every_layer_by_global_name(worlds, layout):
+    got = worlds[0][layout.label]
+    layers = sorted({k.split(".")[4] for k in got["factors"] if k.startswith("base_model.model.decoder.layers.")},
+                    key=int)
+    assert layers == [str(i) for i in range(PL.LAYERS)], f"{layout.label}: the PEFT export holds layers {layers}"
+    hf_layers = sorted({k.split(".")[4] for k in got["hf"]}, key=int)
+    assert hf_layers == [str(i) for i in range(PL.LAYERS)], f"{layout.label}: the HF export holds layers {hf_layers}"
+    tensors, config = got["hf_memory"]
+    assert sorted(tensors) == sorted(got["hf"]), f"{layout.label}: in-memory and file HF exports differ in keys"
+    unequal = [k for k in tensors if not torch.equal(tensors[k], got["hf"][k])]
+    assert not unequal, f"{layout.label}: in-memory HF tensors are not bit-identical to the file's: {unequal[:3]}"
+    assert config["r"] == PL.RANK, f"{layout.label}: the in-memory config says r={config['r']}"
+
+
+def _round_trips(worlds) -> list[tuple[str, str, str]]:
+    out = []
+    for label, got in worlds[0].items():
+        for key in (got.get("loaded", {}) if isinstance(got, dict) else {}):
+            src, fmt = key.split("/")
+            out.append((label, src, fmt))
+    return out
+
+
+def test_round_trips_cover_every_direction(worlds):
+    trips = {(dst, src) for dst, src, _ in _round_trips(worlds)}
+    want = {("tp1-pp2", "tp1-pp1"), ("load@tp1-pp1", "tp1-pp2"), ("load@tp1-pp1", "tp2-pp2-sp"),
+            ("tp2-pp2-sp", "tp1-pp1"), ("load@tp1-pp1", "tp1-pp2-vpp2"), ("tp1-pp2-vpp2", "tp2-pp2-sp"),
+            ("tp1-pp2-ep2-moe", "tp1-pp1-moe")}
+    assert want <= trips, f"missing round trips (destination, source): {sorted(want - trips)}"
+
+
+@pytest.mark.parametrize("fmt", ["peft", "hf", "dcp"])
+def test_round_trips_give_the_source_logits(worlds, fmt):
+    bad = []
+    for dst, src, f in _round_trips(worlds):
+        if f != fmt:
+            continue
+        got = worlds[0][dst]["loaded"][f"{src}/{fmt}"]
+        want = worlds[0][src]["logits"]
+        err = _rel(got, want)
+        if not err <= FP32:
+            bad.append(f"{src} -> {dst}: {err:.2e}")
+    assert not bad, f"{fmt} round trips whose logits differ from the source model's: {bad}"
+
+
+def test_refusals_raise_on_every_rank(worlds):
+    per_rank = [r["refusals"] for r in worlds]
+    for what, needle in (("missing_layer", f"decoder.layers.{PL.LAYERS - 1}.mlp.linear_fc2"),
+                         ("stage_group", "group= must hold every rank"),
+                         ("dcp_shape", "global shape")):
+        msgs = [r[what] for r in per_rank]
+        assert all(m is not None for m in msgs), f"{what}: refused on ranks {[i for i, m in enumerate(msgs) if m]} only"
+        assert all(needle in m for m in msgs), f"{what}: the message does not name {needle!r}: {msgs[0]}"
+    assert "strict=False" not in per_rank[0]["missing_layer"], (
+        f"a layout-independent mismatch must not advise strict=False: {per_rank[0]['missing_layer']}")
+    assert "1 LoRA layer(s)" in per_rank[0]["missing_layer"], f"miscounted: {per_rank[0]['missing_layer']}"
