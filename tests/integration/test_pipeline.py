@@ -38,6 +38,7 @@ def worlds(tmp_path_factory):
     tasks = PL.layouts_tasks(root, TRAINED, extra=[REFERENCE])
     tasks += PL.layouts_tasks(root + "/moe", MOE)
     tasks.append(("refusals", "tests.support.pipeline:refusals_task", dict(layout={"pp": 2}, root=root)))
+    tasks.append(("seeds", "tests.support.pipeline:seeds_task", dict(layout={"tp": 2, "pp": 2})))
     ranks = G.run_world(4, tasks, root, timeout=900)
     errors = [str(v) for r in ranks for v in r.values() if isinstance(v, G.TaskError)]
     assert not errors, "\n".join(errors)
@@ -76,6 +77,37 @@ def test_exports_hold_every_layer_by_global_name(worlds, layout):
     unequal = [k for k in tensors if not torch.equal(tensors[k], got["hf"][k])]
     assert not unequal, f"{layout.label}: in-memory HF tensors are not bit-identical to the file's: {unequal[:3]}"
     assert config["r"] == PL.RANK, f"{layout.label}: the in-memory config says r={config['r']}"
+
+
+@pytest.mark.parametrize("layout", TRAINED + MOE, ids=lambda lay: lay.label)
+def test_layer_by_layer_export_reaches_only_its_destination(worlds, layout):
+    stream = worlds[1][layout.label]["stream"]
+    layers = [layer for layer, _ in stream]
+    assert layers == [f"decoder.layers.{i}" for i in range(PL.LAYERS)], (
+        f"{layout.label}: rank 1 got layers {layers}, one per item in global order expected")
+    for layer, keys in stream:
+        strays = [k for k in keys if not k.startswith(f"base_model.model.{layer}.")]
+        assert not strays, f"{layout.label}: the item for {layer} holds other layers' tensors {strays[:3]}"
+    got = sorted(k for _, keys in stream for k in keys)
+    assert got == sorted(worlds[0][layout.label]["factors"]), f"{layout.label}: the stream and the dict differ"
+    assert not worlds[0][layout.label]["stream"], f"{layout.label}: rank 0 is not the destination but got layers"
+    assert worlds[0][layout.label]["memory_elsewhere"] is None, f"{layout.label}: rank 0 got the dst=1 export"
+    assert worlds[1][layout.label]["stream_config"] == worlds[0][layout.label]["stream_config"], (
+        f"{layout.label}: ranks disagree on the config")
+
+
+def test_seeds_differ_across_stages_seeded_alike(worlds):
+    by_rank = [r["seeds"] for r in worlds]
+    for key in ("salted", "unsalted"):
+        for stage in (0, 1):
+            tp = [r[key] for r in by_rank if r["stage"] == stage]
+            assert all(t == tp[0] for t in tp), f"{key}: the TP ranks of stage {stage} drew different seeds {tp}"
+    stage0 = next(r for r in by_rank if r["stage"] == 0)
+    stage1 = next(r for r in by_rank if r["stage"] == 1)
+    # Without the salt, stage 1 would draw stage 0's seeds: layer L+2 would reuse layer L's masks.
+    assert stage0["unsalted"] == stage1["unsalted"], "the control: stages seeded alike draw alike without the salt"
+    assert not set(stage0["salted"]) & set(stage1["salted"]), (
+        f"stages seeded alike share dropout seeds: {stage0['salted']} and {stage1['salted']}")
 
 
 def _round_trips(worlds) -> list[tuple[str, str, str]]:

@@ -336,6 +336,11 @@ def train_task(layout: dict, root: str, sources: list[str] = ()) -> dict:
     out["hf"] = tplora_kernels.export_hf_adapter(chunks, dirs["hf"], arch="mixtral" if lay.moe else "llama")
     out["hf_memory"] = tplora_kernels.adapter_state_dict(chunks, format="hf", arch="mixtral" if lay.moe else "llama",
                                                         dst=0)
+    # Layer by layer to global rank 1 (a destination other than the writer): rank 1 gets one layer per item.
+    stream = tplora_kernels.iter_adapter_state_dict(chunks, dst=1)
+    out["stream"] = [(layer, sorted(t)) for layer, t in stream]
+    out["stream_config"] = stream.config
+    out["memory_elsewhere"] = tplora_kernels.adapter_state_dict(chunks, dst=1)
     tplora_kernels.save_adapter_checkpoint(chunks, dirs["dcp"])
     dist.barrier()
     out["loaded"] = load_sources(lay, root, sources)
@@ -405,6 +410,23 @@ def refusals_task(layout: dict, root: str) -> dict:
     tplora_kernels.save_adapter_checkpoint(chunks, ckpt)
     out["dcp_shape"] = _outcome(lambda: tplora_kernels.load_adapter_checkpoint(other, ckpt))
     out["rank"] = dist.get_rank()
+    return out
+
+
+def seeds_task(layout: dict) -> dict:
+    """Dropout seeds drawn with every stage seeded alike: as drawn, and with the stage salt switched off."""
+    from megatron.core import parallel_state as ps
+
+    from tplora_kernels import rng
+
+    lay = Layout(**layout)
+    set_layout(lay)
+    out = dict(stage=ps.get_pipeline_model_parallel_rank(), tp_rank=ps.get_tensor_model_parallel_rank())
+    G.seed_rng()
+    out["salted"] = [int(rng.draw_seed("cpu")) for _ in range(3)]
+    G.seed_rng()
+    with mock.patch.object(rng, "_stage_salt", lambda: 0):
+        out["unsalted"] = [int(rng.draw_seed("cpu")) for _ in range(3)]
     return out
 
 
