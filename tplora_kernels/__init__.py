@@ -2,7 +2,7 @@
 
 Layers, each calling the one below it::
 
-    ops.kernels -> ops.launch (+ backends) -> autograd -> functional -> modules -> dispatch
+    ops.kernels -> ops.launch (+ ops.registry, ops.select) -> autograd -> functional -> modules -> dispatch
 
 beside them: ``config`` (options), ``layout`` (the shard rule), ``base`` (base-layer
 recognisers), ``rng`` (dropout seeds), ``mask`` (the dropout mask), ``adapters`` (registry),
@@ -29,18 +29,19 @@ from .adapter_io.api import (
     save_adapter,
 )
 from .adapter_io.checkpoint import adapter_sharded_state_dict, load_adapter_checkpoint, save_adapter_checkpoint
-from .backends import BACKENDS, get_backend, interpreter_active, resolve_backend
 from .config import LoRAConfig
 from .dispatch import apply_lora, dispatch_megatron, merge_adapters, unmerge_adapters
 from .distributed import sum_sequence_parallel_grads
 from .functional import column_parallel_lora, parallel_linear, row_parallel_lora
 from .modules import ColumnParallelLoRA, LoRALayer, RowParallelLoRA, lora_modules, set_batch_adapters
+from .ops.kernels import interpreter_active
+from .ops.registry import backend_names, register_backend
+from .ops.select import get_backend, resolve_backend
 from .rng import checkpoint_context_fn, draw_seed
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "BACKENDS",
     "AdapterStream",
     "ColumnParallelLoRA",
     "LoRAConfig",
@@ -49,6 +50,7 @@ __all__ = [
     "adapter_sharded_state_dict",
     "adapter_state_dict",
     "apply_lora",
+    "backend_names",
     "checkpoint_context_fn",
     "column_parallel_lora",
     "dispatch_megatron",
@@ -65,6 +67,7 @@ __all__ = [
     "lora_modules",
     "merge_adapters",
     "parallel_linear",
+    "register_backend",
     "resolve_backend",
     "row_parallel_lora",
     "save_adapter",

@@ -51,23 +51,24 @@ Autocast does not change what these Functions compute: they run with autocast of
 with fp32 accumulation, on every backend alike. Weight gradients arrive in fp32. If the parameter
 has ``main_grad`` (Megatron DDP) they are added there, ``grad_added_to_main_grad`` is set, and
 autograd gets a zero placeholder so DDP's hooks still fire, as Megatron's own linear layers do.
-The Functions are once-differentiable: double backward raises instead of returning a wrong
-second derivative.
+The Functions are once-differentiable: a backward run with ``create_graph=True`` (double
+backward, gradient penalties) raises instead of returning a gradient that silently lacks the
+terms through the layer.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from . import distributed as D
-from .backends import Backend
 from .mask import DropoutSpec
 from .multi import AdapterMix
 from .ops import launch as L
+from .ops.registry import Backend
 
 __all__ = ["Plan", "_ColumnParallelLoRAFn", "_RowParallelLoRAFn", "lora_act_dtype"]
 
@@ -154,6 +155,28 @@ def _fresh(view: torch.Tensor) -> torch.Tensor:
     return view.new_empty(0).set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
 
 
+def _first_order(backward):
+    """Refuse a backward that builds a graph (``create_graph=True``); otherwise run it without grad.
+
+    The kernels compute gradients without recording how they depend on x, the factors or dy, so a
+    second derivative through this layer would miss those terms silently. ``once_differentiable``
+    refuses only when dy itself requires grad, which misses ``grad(y.sum(), x, create_graph=True)``
+    followed by a penalty on that gradient. Autograd runs a backward with grad enabled exactly
+    when ``create_graph=True``, so that is what is refused.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError("tplora_kernels' LoRA layers are once-differentiable: this backward runs with "
+                               "create_graph=True (double backward, a gradient penalty), and the gradient it builds "
+                               "would lack every term through the LoRA layer. Run it without create_graph, or use "
+                               "tplora_kernels.reference's unfused layer for higher-order gradients")
+        return backward(ctx, *grads)
+
+    return wrapper
+
+
 def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
@@ -189,7 +212,7 @@ class _ColumnParallelLoRAFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, dy):
         plan, be, (x, weight, lora_a, lora_b, u, seed), (need_dx, need_da, need_db) = _unpack(ctx)
         drop = plan.dropout(seed)
@@ -225,7 +248,7 @@ class _ColumnParallelLoRAFn(torch.autograd.Function):
                     dx = parts[0]
                 if need_da:
                     row0 = plan.rank * x.shape[0] if plan.sequence_parallel else 0
-                    da = L.lora_shrink_bwd(parts[-1], x, drop=drop.shifted(rows=row0), backend=be)
+                    da = L.lora_shrink_bwd(parts[-1], x, drop=drop.shifted(rows=row0), rank=R, backend=be)
             elif need_db:
                 _, db = L.lora_dy_bwd(dy, lora_b, u, scale=plan.scale, compute_du=False, backend=be)
         return dx, None, None, _deliver(lora_a, da), _deliver(lora_b, db), None, None
@@ -238,7 +261,9 @@ class _RowParallelLoRAFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, seed, plan: Plan):
         be = plan.backend
         k = weight.shape[1]
-        x_i = x if plan.input_is_parallel else x[:, plan.rank * k:(plan.rank + 1) * k]
+        # A slice of the full x is copied, as the base layer's own scatter does: saving the view
+        # would keep all of x alive until backward.
+        x_i = x if plan.input_is_parallel else x[:, plan.rank * k:(plan.rank + 1) * k].contiguous()
         T, N, R = x_i.shape[0], weight.shape[0], lora_a.shape[0]
         # u_i is a partial sum over ranks (the mask at the global column offset); z_i = x_i W_iᵀ +
         # s·u_i Bᵀ is too. One collective over [z | u] yields y and u.
@@ -269,7 +294,7 @@ class _RowParallelLoRAFn(torch.autograd.Function):
         return _fresh(y)
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, dy):
         plan, be, (x_i, weight, lora_a, lora_b, u, seed), (need_dx, need_da, need_db) = _unpack(ctx)
         dy = dy.to(x_i.dtype)
@@ -287,5 +312,5 @@ class _RowParallelLoRAFn(torch.autograd.Function):
                 if not plan.input_is_parallel:
                     dx = D.all_gather_cols(dx, plan.group)
             if need_da:
-                da = L.lora_shrink_bwd(du, x_i, drop=drop, backend=be)
+                da = L.lora_shrink_bwd(du, x_i, drop=drop, rank=lora_a.shape[0], backend=be)
         return dx, None, None, _deliver(lora_a, da), _deliver(lora_b, db), None, None

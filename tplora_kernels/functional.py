@@ -13,11 +13,12 @@ import torch.distributed as dist
 
 from . import distributed as D
 from .autograd import Plan, _ColumnParallelLoRAFn, _RowParallelLoRAFn
-from .backends import Backend, get_backend
 from .config import check_dropout, check_scale
 from .mappings import base_parallel_linear
 from .mask import dropout_threshold
 from .multi import AdapterMix
+from .ops.registry import Backend
+from .ops.select import get_backend
 from .rng import SeedLike, check_seed, draw_seed, resolve_seed
 
 __all__ = ["column_parallel_lora", "draw_seed", "parallel_linear", "row_parallel_lora"]

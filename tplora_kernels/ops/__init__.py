@@ -1,5 +1,9 @@
-"""Per-rank LoRA ops: Triton kernels, their launch wrappers and the torch backend."""
+"""Per-rank LoRA ops: the Triton kernels, the backends that run them, and their launch wrappers.
 
-from .launch import lora_dy_bwd, lora_linear_dx, lora_linear_fwd, lora_shrink_bwd, lora_shrink_fwd
+In layer order: ``kernels`` (the Triton kernels) and ``configs`` (their launch tables);
+``registry`` (the ``Backend`` base class and the names); the built-in backends ``triton_backend``
+(``triton``, ``interpret``), ``cublas_backend`` and ``torch_backend``, registered here; ``select``
+(which backend runs a call); ``launch`` (check, allocate, hand to a backend).
+"""
 
-__all__ = ["lora_dy_bwd", "lora_linear_dx", "lora_linear_fwd", "lora_shrink_bwd", "lora_shrink_fwd"]
+from . import cublas_backend, torch_backend, triton_backend  # noqa: F401  (importing registers them)

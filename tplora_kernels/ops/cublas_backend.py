@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import Backend, Support, interpreter_active, register_backend
-from .torch_impl import _chunks
+from .kernels import interpreter_active
+from .registry import Backend, Support, register_backend
+from .torch_backend import row_chunks
 from .triton_backend import InterpretBackend, TritonBackend
 
 __all__ = ["CublasBackend"]
@@ -57,12 +58,12 @@ class CublasBackend(Backend):
 
     def linear_fwd(self, x, w, u, b, bias, out, scale, rpc) -> None:
         self._triton(x.device).linear_fwd(x[..., :0], w[:, :0], u, b, bias, out, scale, rpc)
-        for xc, oc in zip(_chunks(x, rpc), _chunks(out, rpc)):
+        for xc, oc in zip(row_chunks(x, rpc), row_chunks(out, rpc)):
             _add_product(oc, xc, w.t())
 
     def linear_dx(self, dy, w, du, a, dx, drop, rpc) -> None:
         self._triton(dy.device).linear_dx(dy[..., :0], w[:0], du, a, dx, drop, rpc)
-        for dc, xc in zip(_chunks(dy, rpc), _chunks(dx, rpc)):
+        for dc, xc in zip(row_chunks(dy, rpc), row_chunks(dx, rpc)):
             _add_product(xc, dc, w)
 
 

@@ -1,6 +1,7 @@
 """Triton kernels for LoRA on one tensor-parallel rank (private; see ``ops.launch``).
 
-Five kernels, after LoRAFusion's split (see docs/DESIGN.md):
+Five kernels, after LoRAFusion's split (arXiv 2510.00206: a shrink pass, the base GEMM with the
+LoRA up-projection fused in, and their backward twins):
 
 ==========================  ==========================================  ===================
 kernel                      computes                                    reads once
@@ -30,7 +31,8 @@ Conventions that every kernel shares:
 * ``INTERP_BF16`` is set only under Triton's interpreter with bf16 activations, whose emulation
   has two faults: ``tl.dot`` multiplies bf16's raw uint16 bits (triton issue #11584), and the
   fp32->bf16 cast truncates where the GPU rounds to nearest even. The flag upcasts dot operands
-  to fp32 and rounds stores by hand (``_cast_out``), so the interpreter computes what the GPU does.
+  to fp32 (``_dot``, the one place) and rounds stores by hand (``_cast_out``), so the interpreter
+  computes what the GPU does.
 * **No recompiles per batch.** Token counts and per-rank offsets are ``do_not_specialize``, so a
   new T, a new rank or a new sequence-parallel slice reuses the compiled kernel.
 * **int64 offsets.** Row indices are int64 before they meet a stride, so T·K > 2^31 is safe.
@@ -47,7 +49,14 @@ import triton.language as tl
 
 from ..mask import PHILOX_ROUNDS
 
+__all__ = ["interpreter_active"]
+
 _ROUNDS = tl.constexpr(PHILOX_ROUNDS)
+# _dot's CAST: which operand of a mixed-dtype dot (a LoRA weight in fp32 beside 16-bit activations)
+# takes the other's dtype on the GPU.
+_SAME: tl.constexpr = 0
+_B_TO_A: tl.constexpr = 1
+_A_TO_B: tl.constexpr = 2
 
 
 @triton.jit
@@ -105,12 +114,22 @@ def _thr(p_rthr, o_row, PERIOD, THR: tl.constexpr, ROW_THR: tl.constexpr):
 
 
 @triton.jit
-def _interpreter_probe_kernel(p_out, n):
-    """Sums 1 over a runtime-bounded loop: the one construct numpy >= 2.4 breaks in some interpreters."""
-    acc = tl.zeros([1], dtype=tl.float32)
-    for _ in range(0, n):
-        acc += 1.0
-    tl.store(p_out + tl.arange(0, 1), acc)
+def _dot(a, b, acc, CAST: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` (``acc`` None: ``a @ b``) in fp32: the one place the interpreter's bf16 fix lives.
+
+    On a GPU the operand named by ``CAST`` takes the other's dtype first (``_B_TO_A``: a LoRA weight
+    tile meets 16-bit activations). Under ``INTERP_BF16`` both go to fp32 unrounded instead, since
+    the interpreter's bf16 dot multiplies raw bits (see the module docstring).
+    """
+    if INTERP_BF16:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    elif CAST == _B_TO_A:
+        out = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
+    elif CAST == _A_TO_B:
+        out = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
 
 
 @triton.jit
@@ -183,10 +202,7 @@ def _lora_shrink_fwd_kernel(
             b_x = b_x * keep.to(b_x.dtype)
         b_at = tl.load(p_a + o_r[None, :] * s_ar + o_k[:, None] * s_ak, mask=m_k[:, None] & m_r[None, :],
                        other=0.0)
-        if INTERP_BF16:
-            acc = tl.dot(b_x.to(tl.float32), b_at.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(b_x, b_at.to(b_x.dtype), acc, input_precision=PRECISION)
+        acc = _dot(b_x, b_at, acc, _B_TO_A, INTERP_BF16, PRECISION)
     if HAS_DROPOUT:
         acc = acc * inv_keep
     o_um = _rows(o_m, RPC, s_uc, s_um)
@@ -219,15 +235,12 @@ def _lora_linear_fwd_kernel(
     # The LoRA term first: s·(u Bᵀ), an fp32 tile (s never rounds a low-precision one), seeds the
     # accumulator of the K loop. Added after the loop instead, it would be a second BM x BN fp32
     # tile live beside the accumulator, which at 128x256 (8 warps) or 128x128 (4 warps) is past
-    # sm_90's 255 registers: ptxas spills and serialises the wgmma pipeline (bench/NOTES.md).
+    # sm_90's 255 registers: ptxas spills and serialises the wgmma pipeline.
     o_um = _rows(o_m, RPC, s_uc, s_um)
     b_u = tl.load(p_u + o_um[:, None] + o_r[None, :] * s_ur, mask=m_m[:, None] & m_r[None, :], other=0.0)
     b_bt = tl.load(p_b + o_n[None, :] * s_bn + o_r[:, None] * s_br, mask=m_r[:, None] & m_n[None, :],
                    other=0.0)
-    if INTERP_BF16:
-        acc = tl.dot(b_u.to(tl.float32), b_bt.to(tl.float32), input_precision=PRECISION)
-    else:
-        acc = tl.dot(b_u, b_bt.to(b_u.dtype), input_precision=PRECISION)
+    acc = _dot(b_u, b_bt, None, _B_TO_A, INTERP_BF16, PRECISION)
     acc = acc * scale
     o_xm = _rows(o_m, RPC, s_xc, s_xm)
     for k0 in range(0, K, BLOCK_K):
@@ -236,10 +249,7 @@ def _lora_linear_fwd_kernel(
         b_x = tl.load(p_x + o_xm[:, None] + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
         b_wt = tl.load(p_w + o_n[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_k[:, None] & m_n[None, :],
                        other=0.0)
-        if INTERP_BF16:
-            acc = tl.dot(b_x.to(tl.float32), b_wt.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(b_x, b_wt, acc, input_precision=PRECISION)
+        acc = _dot(b_x, b_wt, acc, _SAME, INTERP_BF16, PRECISION)
     if HAS_BIAS:
         acc += tl.load(p_bias + o_n * s_bias, mask=m_n, other=0.0).to(tl.float32)[None, :]
     o_om = _rows(o_m, RPC, s_oc, s_om)
@@ -293,19 +303,13 @@ def _lora_dy_bwd_kernel(
         if COMPUTE_DU:
             b_b = tl.load(p_b + o_n[:, None] * s_bn + o_r[None, :] * s_br, mask=m_n[:, None] & m_r[None, :],
                           other=0.0)
-            if INTERP_BF16:
-                acc_du = tl.dot(b_dy.to(tl.float32), b_b.to(tl.float32), acc_du, input_precision=PRECISION)
-            else:
-                acc_du = tl.dot(b_dy, b_b.to(b_dy.dtype), acc_du, input_precision=PRECISION)
+            acc_du = _dot(b_dy, b_b, acc_du, _B_TO_A, INTERP_BF16, PRECISION)
         if COMPUTE_DB:
             if do_db:
                 # Rows outside u's (another rank's, under row SP) are zeroed in dy, not only in u:
                 # an Inf there must not become Inf * 0 = NaN in this rank's dB.
                 b_dyu = tl.where(m_u[:, None], b_dy, 0.0)
-                if INTERP_BF16:
-                    db = tl.dot(tl.trans(b_dyu.to(tl.float32)), b_u.to(tl.float32), input_precision=PRECISION)
-                else:
-                    db = tl.dot(tl.trans(b_dyu), b_u.to(b_dy.dtype), input_precision=PRECISION)
+                db = _dot(tl.trans(b_dyu), b_u, None, _B_TO_A, INTERP_BF16, PRECISION)
                 tl.store(p_dbp + slot * s_pt + o_n[:, None] * s_pn + o_r[None, :] * s_pr, db,
                          mask=m_n[:, None] & m_r[None, :])
     if COMPUTE_DU:
@@ -341,10 +345,7 @@ def _lora_linear_dx_kernel(
     o_dum = _rows(o_m, RPC, s_duc, s_dum)
     b_du = tl.load(p_du + o_dum[:, None] + o_r[None, :] * s_dur, mask=m_m[:, None] & m_r[None, :], other=0.0)
     b_a = tl.load(p_a + o_r[:, None] * s_ar + o_k[None, :] * s_ak, mask=m_r[:, None] & m_k[None, :], other=0.0)
-    if INTERP_BF16:
-        acc = tl.dot(b_du.to(tl.float32), b_a.to(tl.float32), input_precision=PRECISION)
-    else:
-        acc = tl.dot(b_du, b_a.to(b_du.dtype), input_precision=PRECISION)
+    acc = _dot(b_du, b_a, None, _B_TO_A, INTERP_BF16, PRECISION)
     if HAS_DROPOUT:
         seed = tl.load(p_seed)
         thr = _thr(p_rthr, row0 + o_m, PERIOD, THR, ROW_THR)
@@ -361,10 +362,7 @@ def _lora_linear_dx_kernel(
                        other=0.0)
         b_w = tl.load(p_w + o_n[:, None] * s_wn + o_k[None, :] * s_wk, mask=m_n[:, None] & m_k[None, :],
                       other=0.0)
-        if INTERP_BF16:
-            acc = tl.dot(b_dy.to(tl.float32), b_w.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(b_dy, b_w, acc, input_precision=PRECISION)
+        acc = _dot(b_dy, b_w, acc, _SAME, INTERP_BF16, PRECISION)
     o_dxm = _rows(o_m, RPC, s_dxc, s_dxm)
     tl.store(p_dx + o_dxm[:, None] + o_k[None, :] * s_dxk, _cast_out(acc, p_dx, INTERP_BF16),
              mask=m_m[:, None] & m_k[None, :])
@@ -422,11 +420,20 @@ def _lora_shrink_bwd_kernel(
             else:
                 keep = _keep(seed, row0 + o_m, col0 + o_k, thr)
             b_x = b_x * keep.to(b_x.dtype)
-        if INTERP_BF16:
-            acc = tl.dot(b_dut.to(tl.float32), b_x.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(b_dut.to(b_x.dtype), b_x, acc, input_precision=PRECISION)
+        acc = _dot(b_dut, b_x, acc, _A_TO_B, INTERP_BF16, PRECISION)
     if HAS_DROPOUT:
         acc = acc * inv_keep
     tl.store(p_dap + pid_s.to(tl.int64) * s_pt + o_r[:, None] * s_pr + o_k[None, :] * s_pk, acc,
              mask=m_r[:, None] & m_k[None, :])
+
+
+def interpreter_active() -> bool:
+    """True when these kernels were defined under ``TRITON_INTERPRET=1`` (the ``interpret`` backend can run).
+
+    The one place that tells: triton decides at ``@triton.jit`` time, when this module is imported.
+
+    Example:
+        >>> isinstance(interpreter_active(), bool)
+        True
+    """
+    return type(_lora_shrink_fwd_kernel).__name__ == "InterpretedFunction"

@@ -1,8 +1,8 @@
 """Launch wrappers: check shapes and dtypes, allocate, launch (the order of Triton tutorial 03).
 
 One function per op. Each validates its operands, allocates what the caller did not pass, and
-hands them to a backend object (``tplora_kernels.backends``), which runs the Triton kernels or
-their torch twins. No collectives here: those live in the autograd layer, which hands these
+hands them to a backend object (``ops.registry``, chosen by ``ops.select``), which runs the Triton
+kernels or their torch twins. No collectives here: those live in the autograd layer, which hands these
 wrappers views into its collective buffers.
 
 T-row operands (one row per token) may be plain 2-D tensors ``[T, W]`` with any strides, or
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import Backend, get_backend
 from ..mask import NO_DROPOUT, DropoutSpec
+from .registry import Backend
+from .select import get_backend
 
 __all__ = ["lora_dy_bwd", "lora_linear_dx", "lora_linear_fwd", "lora_shrink_bwd", "lora_shrink_fwd"]
 
@@ -109,7 +110,7 @@ def _backend(backend: Backend | str | None, device: torch.device) -> Backend:
 # ---------------------------------------------------------------------------------------------
 def lora_shrink_fwd(x: torch.Tensor, lora_a: torch.Tensor, *, drop: DropoutSpec = NO_DROPOUT,
                     out: torch.Tensor | None = None, x_out: torch.Tensor | None = None,
-                    backend: Backend | str | None = "torch") -> torch.Tensor:
+                    backend: Backend | str | None = None) -> torch.Tensor:
     """``u = drop(x) Aᵀ``: the LoRA down-projection with dropout generated in-kernel.
 
     Args:
@@ -119,7 +120,8 @@ def lora_shrink_fwd(x: torch.Tensor, lora_a: torch.Tensor, *, drop: DropoutSpec 
         out: optional ``[T, r]`` (or row-chunked) destination; default x's dtype.
         x_out: optional ``[T, K]`` destination that also receives a copy of (undropped) x, written
             from the same single read (packs ``[x | u]`` for a collective), x's dtype.
-        backend: a ``Backend`` or its name.
+        backend: a ``Backend``, a registered name, or None (``TPLORA_BACKEND``, else the automatic
+            choice of ``ops.select``).
 
     Returns:
         ``u``, ``[T, r]`` (``out`` when given).
@@ -148,7 +150,7 @@ def lora_shrink_fwd(x: torch.Tensor, lora_a: torch.Tensor, *, drop: DropoutSpec 
 
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor, *,
                     scale: float, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    backend: Backend | str | None = "torch") -> torch.Tensor:
+                    backend: Backend | str | None = None) -> torch.Tensor:
     """``out = x Wᵀ + s·u Bᵀ (+ bias)``: the base GEMM with the LoRA up-projection as one more step.
 
     Args:
@@ -159,7 +161,8 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, lora
         scale: the LoRA scale s (alpha/r, or alpha/sqrt(r) for rsLoRA).
         bias: optional ``[N]``, added in the epilogue.
         out: optional ``[T, N]`` destination (any strides, or row-chunked); default x's dtype.
-        backend: a ``Backend`` or its name.
+        backend: a ``Backend``, a registered name, or None (``TPLORA_BACKEND``, else the automatic
+            choice of ``ops.select``).
 
     Returns:
         ``[T, N]`` (``out`` when given).
@@ -187,7 +190,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, lora
 
 def lora_dy_bwd(dy: torch.Tensor, lora_b: torch.Tensor, u: torch.Tensor | None, *, scale: float,
                 u_row0: int = 0, du_out: torch.Tensor | None = None, compute_du: bool = True,
-                backend: Backend | str | None = "torch") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                backend: Backend | str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``du = s·dy B`` and ``dB = s·dyᵀ u`` from one read of ``dy``.
 
     Args:
@@ -199,7 +202,8 @@ def lora_dy_bwd(dy: torch.Tensor, lora_b: torch.Tensor, u: torch.Tensor | None, 
         u_row0: first dy row that ``u`` covers.
         du_out: optional ``[T, r]`` destination for du (row-chunked allowed); default dy's dtype.
         compute_du: False skips du (returns None for it).
-        backend: a ``Backend`` or its name.
+        backend: a ``Backend``, a registered name, or None (``TPLORA_BACKEND``, else the automatic
+            choice of ``ops.select``).
 
     Returns:
         ``(du [T, r] or None, dB [N, r] in fp32 or None)``.
@@ -238,7 +242,7 @@ def lora_dy_bwd(dy: torch.Tensor, lora_b: torch.Tensor, u: torch.Tensor | None, 
 
 def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lora_a: torch.Tensor, *,
                    drop: DropoutSpec = NO_DROPOUT, out: torch.Tensor | None = None,
-                   backend: Backend | str | None = "torch") -> torch.Tensor:
+                   backend: Backend | str | None = None) -> torch.Tensor:
     """``dx = dy W + (du A) ⊙ M / (1-p)``, with the dropout mask regenerated in-kernel.
 
     Args:
@@ -248,7 +252,8 @@ def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lor
         lora_a: ``[r, K]``.
         drop: the forward's dropout (same mask).
         out: optional ``[T, K]`` destination (any strides, or row-chunked); default dy's dtype.
-        backend: a ``Backend`` or its name.
+        backend: a ``Backend``, a registered name, or None (``TPLORA_BACKEND``, else the automatic
+            choice of ``ops.select``).
 
     Returns:
         ``dx``, ``[T, K]`` (``out`` when given).
@@ -271,28 +276,30 @@ def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lor
     return out
 
 
-def lora_shrink_bwd(du: torch.Tensor, x: torch.Tensor, *, drop: DropoutSpec = NO_DROPOUT,
-                    backend: Backend | str | None = "torch") -> torch.Tensor:
+def lora_shrink_bwd(du: torch.Tensor, x: torch.Tensor, *, drop: DropoutSpec = NO_DROPOUT, rank: int | None = None,
+                    backend: Backend | str | None = None) -> torch.Tensor:
     """``dA = duᵀ drop(x)``, with the forward's mask regenerated from one read of x.
 
     Args:
         du: ``[T, r]`` (any strides, or row-chunked).
         x: ``[T, K]`` the saved layer input (any strides, or row-chunked).
         drop: the forward's dropout, positioned at ``x[0, 0]``.
-        backend: a ``Backend`` or its name.
+        rank: the LoRA rank r that ``du`` must have (None: any width).
+        backend: a ``Backend``, a registered name, or None (``TPLORA_BACKEND``, else the automatic
+            choice of ``ops.select``).
 
     Returns:
         ``dA``, ``[r, K]`` in fp32 (the caller casts, or accumulates into ``main_grad``).
 
     Example:
         >>> du, x = torch.randn(8, 4), torch.randn(8, 32)
-        >>> lora_shrink_bwd(du, x).shape
+        >>> lora_shrink_bwd(du, x, rank=4).shape
         torch.Size([4, 32])
     """
     _check_float("du", du)
     _check_float("x", x)
     T, K = _rows_of("x", x), x.shape[-1]
-    R = du.shape[-1]
+    R = du.shape[-1] if rank is None else rank
     _check_rows("du", du, T, R)
     device = _check_same_device(du=du, x=x)
     _check_drop(drop, device)

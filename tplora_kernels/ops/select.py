@@ -1,4 +1,10 @@
-"""Per-shape choice between the fused Triton GEMMs (``triton``) and the cuBLAS path (``cublas``).
+"""Which backend runs a call: the resolution order, and ``auto``'s per-shape choice on CUDA.
+
+Resolution (``get_backend``): the ``backend=`` argument (a name or a ``Backend``), else
+``TPLORA_BACKEND``, else ``"auto"``. ``auto`` on CPU is ``interpret`` when Triton's interpreter is
+active (``TRITON_INTERPRET=1`` set before triton is imported) and ``torch`` otherwise. ``auto`` on
+CUDA chooses between the fused Triton GEMMs (``triton``) and the cuBLAS path (``cublas``) per layer
+shape, as follows.
 
 With ``backend="auto"`` on CUDA, the first call of a layer shape times both paths' two GEMM ops
 (``linear_fwd`` + ``linear_dx``) on tensors of that shape, keeps the faster, and caches the
@@ -21,16 +27,18 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from .. import distributed as D
-from ..backends import Backend, get_backend
 from ..mask import NO_DROPOUT
+from .kernels import interpreter_active
+from .registry import Backend, backend_names, instance
 
-__all__ = ["CANDIDATES", "choose_gemm_backend", "decisions", "reset"]
+__all__ = ["CANDIDATES", "choose_gemm_backend", "decisions", "get_backend", "reset", "resolve_backend"]
 
 CANDIDATES = ("triton", "cublas")
 _DECISIONS: dict[tuple, dict] = {}
@@ -42,10 +50,73 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _measure(name: str, key: tuple, reps: int = 5) -> float:
-    """Median seconds of one ``linear_fwd`` + ``linear_dx`` on backend ``name`` at ``key``'s shape."""
-    from . import launch as L
+def get_backend(device: torch.device | str, backend: str | Backend | None = None, *,
+                gemm: tuple | None = None) -> Backend:
+    """The backend object that will run for tensors on ``device``.
 
+    Args:
+        device: the activations' device.
+        backend: a ``Backend``, a registered name, ``"auto"`` or None (= ``TPLORA_BACKEND``, else auto).
+        gemm: for ``"auto"`` on CUDA, the layer's ``(dtype, lora_dtype, N, K, r, T, tp_group)``: the
+            GEMM path (``triton`` or ``cublas``) is then chosen for that shape
+            (``choose_gemm_backend``); without it, ``"auto"`` on CUDA is ``triton``.
+
+    Returns:
+        The ``Backend`` instance (one per name per process).
+
+    Raises:
+        ValueError: unknown name (the message lists the registered ones), or a backend that cannot
+            run on ``device`` here (with the reason).
+
+    Example:
+        >>> get_backend("cpu", "torch").name
+        'torch'
+    """
+    device = torch.device(device)
+    if isinstance(backend, Backend):
+        chosen = backend
+    else:
+        name = backend if backend is not None else os.environ.get("TPLORA_BACKEND", "auto")
+        name = name.strip().lower() or "auto"
+        if name == "auto":
+            if device.type == "cuda" and gemm is not None and not interpreter_active():
+                return choose_gemm_backend(device, *gemm)
+            if device.type == "cuda":
+                name = "triton"
+            else:
+                name = "interpret" if interpreter_active() else "torch"
+        if name not in backend_names():
+            raise ValueError(f"backend must be one of {(*backend_names(), 'auto')}, got {name!r}")
+        chosen = instance(name)
+    ok = type(chosen).supports(device)
+    if not ok:
+        raise ValueError(f"backend={chosen.name!r} cannot run on device {device} here: {ok.reason}")
+    return chosen
+
+
+def resolve_backend(device: torch.device | str, backend: str | Backend | None = None) -> str:
+    """The name of ``get_backend(device, backend)``.
+
+    Args:
+        device: the activations' device.
+        backend: as for ``get_backend`` (without a layer shape, ``"auto"`` on CUDA reports ``triton``).
+
+    Returns:
+        The backend's registered name, e.g. ``"torch"``.
+
+    Example:
+        >>> resolve_backend("cpu", "torch")
+        'torch'
+    """
+    return get_backend(device, backend).name
+
+
+def _measure(name: str, key: tuple, reps: int = 5) -> float:
+    """Median seconds of one ``linear_fwd`` + ``linear_dx`` on backend ``name`` at ``key``'s shape.
+
+    The operands are built here, well-formed, so the backend's ops are called directly (no launch
+    checks): ``ops.launch`` resolves backends through this module, not the other way round.
+    """
     device, dtype, lora_dtype, N, K, R, T = key[:7]
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(T, K, device=device, dtype=dtype, generator=g)
@@ -58,8 +129,8 @@ def _measure(name: str, key: tuple, reps: int = 5) -> float:
     be = get_backend(device, name)
 
     def once() -> None:
-        L.lora_linear_fwd(x, w, u, b, scale=1.0, out=out, backend=be)
-        L.lora_linear_dx(dy, w, u, a, drop=NO_DROPOUT, out=dx, backend=be)
+        be.linear_fwd(x, w, u, b, None, out, 1.0, T)
+        be.linear_dx(dy, w, u, a, dx, NO_DROPOUT, T)
 
     once()  # compile / autotune outside the timing
     times = []
@@ -72,8 +143,6 @@ def _measure(name: str, key: tuple, reps: int = 5) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
-            import time
-
             t0 = time.perf_counter()
             once()
             times.append(time.perf_counter() - t0)

@@ -18,14 +18,14 @@ import threading
 
 import torch
 
-from ..backends import Backend, Support, register_backend
 from ..mask import DropoutSpec
+from .registry import Backend, Support, register_backend
 
-__all__ = ["TorchBackend"]
+__all__ = ["TorchBackend", "row_chunks"]
 
 
-def _chunks(t: torch.Tensor, rpc: int) -> list[torch.Tensor]:
-    """2-D row blocks of a T-row operand: the chunks of a 3-D buffer view, or row slices."""
+def row_chunks(t: torch.Tensor, rpc: int) -> list[torch.Tensor]:
+    """2-D row blocks of a T-row operand: the chunks of a 3-D buffer view, or row slices of ``rpc`` rows."""
     if t.dim() == 3:
         return list(t.unbind(0))
     return [t[i:i + rpc] for i in range(0, t.shape[0], rpc)] or [t]
@@ -91,7 +91,7 @@ class TorchBackend(Backend):
         if x_out is not None:
             x_out.copy_(x if x_out.dim() == 2 else x.reshape(x_out.shape))
         keep = self._full_keep(drop, x, rpc)
-        for i, (xc, uc) in enumerate(zip(_chunks(x, rpc), _chunks(u, rpc))):
+        for i, (xc, uc) in enumerate(zip(row_chunks(x, rpc), row_chunks(u, rpc))):
             xd = _masked(xc, keep[i * rpc:i * rpc + xc.shape[0]]) if keep is not None else xc
             acc = torch.mm(xd.float(), a.float().t())
             if drop.active:
@@ -102,7 +102,7 @@ class TorchBackend(Backend):
         low = x.dtype != torch.float32 or out.dtype != torch.float32
         wt = w.t().float() if low else w.t()
         bt = b.t().float()
-        for xc, uc, oc in zip(_chunks(x, rpc), _chunks(u, rpc), _chunks(out, rpc)):
+        for xc, uc, oc in zip(row_chunks(x, rpc), row_chunks(u, rpc), row_chunks(out, rpc)):
             if low:
                 acc = torch.mm(xc.float(), wt).addmm_(uc.float(), bt, alpha=scale)
                 if bias is not None:
@@ -118,10 +118,10 @@ class TorchBackend(Backend):
                 oc.add_(bias)
 
     def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc):
-        dyc = _chunks(dy, rpc)
+        dyc = row_chunks(dy, rpc)
         if du is not None:
             bf = b.float()
-            for dc, duc in zip(dyc, _chunks(du, rpc)):
+            for dc, duc in zip(dyc, row_chunks(du, rpc)):
                 duc.copy_(torch.mm(dc.float(), bf).mul_(scale))
         if u is None:
             return None
@@ -132,7 +132,7 @@ class TorchBackend(Backend):
     def linear_dx(self, dy, w, du, a, dx, drop, rpc) -> None:
         af = a.float()
         keep = self._full_keep(drop, dx, rpc)
-        for i, (dc, duc, xc) in enumerate(zip(_chunks(dy, rpc), _chunks(du, rpc), _chunks(dx, rpc))):
+        for i, (dc, duc, xc) in enumerate(zip(row_chunks(dy, rpc), row_chunks(du, rpc), row_chunks(dx, rpc))):
             # 1/(1-p) scales du (T×r), not the T×K product.
             lora = torch.mm(duc.float() * drop.keep_scale if drop.active else duc.float(), af)
             if keep is not None:
@@ -146,7 +146,7 @@ class TorchBackend(Backend):
     def shrink_bwd(self, du, x, drop, rpc):
         keep = self._full_keep(drop, x, rpc)
         acc = None
-        for i, (duc, xc) in enumerate(zip(_chunks(du, rpc), _chunks(x, rpc))):
+        for i, (duc, xc) in enumerate(zip(row_chunks(du, rpc), row_chunks(x, rpc))):
             xd = _masked(xc, keep[i * rpc:i * rpc + xc.shape[0]]) if keep is not None else xc
             part = torch.mm(duc.float().t(), xd.float())
             acc = part if acc is None else acc.add_(part)
