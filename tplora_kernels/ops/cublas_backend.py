@@ -68,8 +68,23 @@ class CublasBackend(Backend):
 
 
 def _add_product(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``c += a @ b`` in one GEMM (beta = 1); an output of another dtype (``output_dtype``) adds after."""
+    """``c += a @ b`` with the product unrounded before the add, as the fused kernels accumulate.
+
+    Same dtypes: one GEMM with beta = 1. An output wider than the operands (``output_dtype=fp32``
+    with 16-bit activations): the product must not be rounded to the operands' dtype first, so it
+    is taken in ``c``'s dtype (``out_dtype`` on CUDA where torch has it, else upcast operands,
+    which 16-bit values reach exactly). A narrower output: the product in the operands' dtype,
+    rounded once by the add.
+    """
     if c.dtype == a.dtype:
         c.addmm_(a, b)
-    else:
+    elif torch.finfo(a.dtype).bits >= torch.finfo(c.dtype).bits:
         c.add_(torch.mm(a, b))
+    else:
+        if c.is_cuda:
+            try:
+                c.add_(torch.mm(a, b, out_dtype=c.dtype))
+                return
+            except (TypeError, RuntimeError, NotImplementedError):
+                pass  # this torch has no mm with out_dtype: upcast below
+        c.addmm_(a.to(c.dtype), b.to(c.dtype))
