@@ -53,10 +53,11 @@ __all__ = ["interpreter_active"]
 
 _ROUNDS = tl.constexpr(PHILOX_ROUNDS)
 # _dot's CAST: which operand of a mixed-dtype dot (a LoRA weight in fp32 beside 16-bit activations)
-# takes the other's dtype on the GPU.
-_SAME: tl.constexpr = 0
-_B_TO_A: tl.constexpr = 1
-_A_TO_B: tl.constexpr = 2
+# takes the other's dtype on the GPU. Globals must be constexpr *values* for triton's compiler (an
+# annotated ``_SAME: tl.constexpr = 0`` passes the interpreter but is a NameError when compiled).
+_SAME = tl.constexpr(0)
+_B_TO_A = tl.constexpr(1)
+_A_TO_B = tl.constexpr(2)
 
 
 @triton.jit
