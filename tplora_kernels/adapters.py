@@ -101,7 +101,12 @@ class LoRAFactor(nn.Module):
 
         Hooks that fill a parameter just before its owner module runs (Megatron DDP's
         ``overlap_param_gather`` forward pre-hooks, FSDP's unshard, offloading) fire only when
-        the owner is called, so every read of a factor goes through this call.
+        the owner is called, so every read of a factor goes through this call. No copy, no
+        kernel, no host sync.
+
+        Returns:
+            ``weight``: the Parameter object itself, so Megatron's ``main_grad`` and TP/SP
+            attributes come with it.
         """
         return self.weight
 
@@ -271,6 +276,28 @@ class AdapterMixin:
                              f"{self.spec.type_name}, got {list(full_a.shape)} and {list(full_b.shape)}")
         options = AdapterOptions.build(r, lora_alpha, lora_dropout, use_rslora)
         self._install(adapter_name, options, full_a.detach(), full_b.detach())
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``name``'s local A and B for compute, each read by calling its holder.
+
+        Never ``.weight``: the owner's forward pre-hook is where Megatron DDP's param all-gather,
+        FSDP2's unshard and offloading run (``LoRAFactor.forward``).
+
+        Raises:
+            ValueError: a factor whose memory was freed as its holder returned it (FSDP2's
+                ``fully_shard`` on a ``LoRAFactor`` with ``reshard_after_forward=True``).
+        """
+        out = []
+        for which, holders in (("lora_A", self.lora_A), ("lora_B", self.lora_B)):
+            w = holders[name]()
+            # FSDP2 reshards in the holder's post-forward hook, before the fused kernel reads A
+            # and B together: the storage is gone by now. A size check is host metadata only.
+            if w.numel() and w.untyped_storage().nbytes() == 0:
+                raise ValueError(f"{which}[{name!r}] was freed as soon as its holder returned it: fully_shard() on a "
+                                 "LoRAFactor needs reshard_after_forward=False (the fused kernel reads A and B after "
+                                 "both holders ran); or shard the LoRA layer or an enclosing block instead")
+            out.append(w)
+        return out[0], out[1]
 
     def _factor_like(self) -> torch.Tensor:
         """A tensor whose device and dtype new factors take (the base weight, or any base parameter)."""
@@ -455,8 +482,7 @@ class AdapterMixin:
             >>> # layer.base_layer.weight + layer.get_delta_weight("default")  # the merged shard
         """
         self._check_adapter(adapter)
-        a = self.lora_A[adapter].weight.detach().float()
-        b = self.lora_B[adapter].weight.detach().float()
+        a, b = (f.detach().float() for f in self._factors(adapter))
         return (b @ a).mul_(self._options[adapter].scaling).to(self._factor_like().dtype)
 
     def _mergeable_weight(self) -> torch.Tensor:

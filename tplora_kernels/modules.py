@@ -161,8 +161,9 @@ class LoRALayer(AdapterMixin, nn.Module):
     def _lora_call(self, x: torch.Tensor, names: Sequence[str] | None) -> dict | None:
         """The factors, scale, dropout and mix of this call, or None for the base layer alone.
 
-        With ``names`` (one adapter name per sample, ``multi.BASE`` for none) the adapters they use
-        are stacked in registry order into one mixed call; without, the one active adapter runs.
+        With ``names`` (one adapter name per sample, ``multi.BASE`` for none) the adapters they use,
+        and when training every trainable active adapter, are stacked in registry order into one
+        mixed call; without, the one active adapter runs.
         Everything is checked here, before any collective, from what every rank sees alike.
         """
         if self._disable_adapters:
@@ -173,9 +174,11 @@ class LoRALayer(AdapterMixin, nn.Module):
             if len(self._active) > 1:
                 raise ValueError(f"adapters {self._active} are all active: name one per sample "
                                  "(tplora_kernels.set_batch_adapters, or adapter_names=), or activate one")
+            # Factors are read by calling their holders (_factors), never as ``.weight``: Megatron
+            # DDP's param all-gather, FSDP2's unshard and offloading act in the holder's pre-forward.
             opt = self._options[self._active[0]]
-            return dict(lora_a=self.lora_A[self._active[0]].weight, lora_b=self.lora_B[self._active[0]].weight,
-                        scale=opt.scaling, dropout_p=opt.lora_dropout if self.training else 0.0)
+            a, b = self._factors(self._active[0])
+            return dict(lora_a=a, lora_b=b, scale=opt.scaling, dropout_p=opt.lora_dropout if self.training else 0.0)
         if self.merged:
             raise ValueError(f"a mixed batch cannot run on a merged layer (merged: {self.merged_adapters}); unmerge()")
         names = list(names)
@@ -185,18 +188,26 @@ class LoRALayer(AdapterMixin, nn.Module):
                              f"{tuple(x.shape)}, samples along dim {1 if x.dim() >= 3 else 0}), got {len(names)} names")
         if not all(isinstance(n, str) for n in names):
             raise TypeError(f"adapter_names must be a list of str, got {names!r}")
+        # Every adapter's holders are called, in registry order, whatever this batch names: under
+        # Megatron's overlap_param_gather (or FSDP2 on the holders) a call can start a collective
+        # over the data-parallel ranks, whose batches name different adapters.
+        factors = {n: self._factors(n) for n in self._options}
         # PEFT's rule: a sample whose adapter this layer does not have gets the base layer here
         # (adapters may target different layers); set_batch_adapters checks the names model-wide.
-        used = [n for n in self._options if n in set(names)]
+        # A trainable active adapter joins even with no sample here (its rows all gated off): its
+        # factors then get a zero gradient on this rank, as on the ranks whose samples use it, and
+        # Megatron's overlap_grad_reduce does not wait for a bucket that one rank never fills.
+        named = set(names)
+        trainable = {n for n in self._active if torch.is_grad_enabled() and self.lora_A[n].weight.requires_grad}
+        used = [n for n in self._options if n in named or n in trainable]
         if not used:
             return None
         opts = [self._options[n] for n in used]
         thrs = [dropout_threshold(o.lora_dropout) if self.training else 0 for o in opts]
         mix = build_mix([used.index(n) if n in used else -1 for n in names], ranks=[o.r for o in opts],
                         scales=[o.scaling for o in opts], thrs=thrs, device=x.device)
-        return dict(lora_a=torch.cat([self.lora_A[n].weight for n in used], dim=0),
-                    lora_b=torch.cat([self.lora_B[n].weight for n in used], dim=1), scale=1.0, dropout_p=0.0,
-                    mix=mix)
+        return dict(lora_a=torch.cat([factors[n][0] for n in used], dim=0),
+                    lora_b=torch.cat([factors[n][1] for n in used], dim=1), scale=1.0, dropout_p=0.0, mix=mix)
 
     def _forward(self, x: torch.Tensor, weight: torch.Tensor | None, gather_output: bool,
                  adapter_names: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
