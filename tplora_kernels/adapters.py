@@ -217,7 +217,7 @@ class AdapterMixin:
             # each, so ranks that start apart never meet): group rank 0's draw wins, in case a
             # rank's CPU generator was not seeded alike. Every rank builds its layers in order.
             full_a, full_b = full_a.to(like.device), full_b.to(like.device)
-            D.broadcast_from_first_((full_a, full_b), self.spec.group)
+            D.broadcast_from_first_((full_a, full_b), self.spec.mode.group)
         self._install(adapter_name, options, full_a, full_b)
 
     def _check_replaceable(self, adapter_name: str) -> None:
@@ -230,13 +230,13 @@ class AdapterMixin:
                  full_b: torch.Tensor) -> None:
         """Keep this rank's slices of the full factors as adapter ``adapter_name`` (no communication)."""
         like = self._factor_like()
-        a, b = self.spec.layout.shard_factors(full_a, full_b, self.spec.rank, self.spec.world)
+        a, b = self.spec.layout.shard_factors(full_a, full_b, self.spec.mode.rank, self.spec.mode.world)
         dtype = self.lora_dtype or like.dtype
         # copy=True: a parameter never aliases the caller's tensor (a loaded file's, a shared A).
         pa = nn.Parameter(a.to(device=like.device, dtype=dtype, copy=True).contiguous())
         pb = nn.Parameter(b.to(device=like.device, dtype=dtype, copy=True).contiguous())
         for which, p in (("lora_A", pa), ("lora_B", pb)):
-            self.spec.layout.mark(p, which, sequence_parallel=self.spec.sequence_parallel,
+            self.spec.layout.mark(p, which, sequence_parallel=self.spec.mode.sequence_parallel,
                                   allreduce=not self.spec.is_expert)
         trainable = (not self._active or adapter_name in self._active) and not self._disable_adapters
         pa.requires_grad_(trainable)
@@ -364,7 +364,7 @@ class AdapterMixin:
         if tuple(full_a.shape) != want_a or tuple(full_b.shape) != want_b:
             raise ValueError(f"full_a/full_b must be [r, K]={list(want_a)} and [N, r]={list(want_b)} for adapter "
                              f"{adapter_name!r}, got {list(full_a.shape)} and {list(full_b.shape)}")
-        a, b = self.spec.layout.shard_factors(full_a, full_b, self.spec.rank, self.spec.world)
+        a, b = self.spec.layout.shard_factors(full_a, full_b, self.spec.mode.rank, self.spec.mode.world)
         with torch.no_grad():
             self.lora_A[adapter_name].weight.copy_(a)
             self.lora_B[adapter_name].weight.copy_(b)
@@ -515,7 +515,7 @@ class AdapterMixin:
                     merged = weight + delta
                     if not torch.isfinite(merged).all():
                         raise ValueError(f"safe_merge: merging adapter {name!r} gives a non-finite weight on TP "
-                                         f"rank {self.spec.rank}; the adapter is broken")
+                                         f"rank {self.spec.mode.rank}; the adapter is broken")
                     weight.copy_(merged)
                 else:
                     weight.add_(delta)

@@ -62,15 +62,15 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from . import distributed as D
 from .mask import DropoutSpec
+from .mode import TPMode
 from .multi import AdapterMix
 from .ops import launch as L
 from .ops.registry import Backend
 
-__all__ = ["Plan", "_ColumnParallelLoRAFn", "_RowParallelLoRAFn", "lora_act_dtype"]
+__all__ = ["ColumnParallelLoRAFn", "Plan", "RowParallelLoRAFn", "lora_act_dtype"]
 
 
 def lora_act_dtype(x_dtype: torch.dtype, lora_dtype: torch.dtype) -> torch.dtype:
@@ -83,35 +83,20 @@ class Plan:
     """Everything about one call that is not a tensor.
 
     Attributes:
-        group: the base layer's tensor-parallel process group (None: default group / TP=1).
-        world: TP size t.
-        rank: this rank in ``group``.
+        mode: the layer's tensor-parallel mode (``mode.TPMode``: kind, group, SP, gather/split,
+            explicit communication, output dtype).
         scale: LoRA scale s.
         thr: dropout threshold (``mask.dropout_threshold(p)``); 0 = no dropout.
-        sequence_parallel: SP on (already False when world == 1).
         backend: the backend object that runs the ops.
-        gather_output: column only: all-gather the output columns.
-        input_is_parallel: row only: x is already split along K.
-        out_dtype: the output's dtype (None: x's), as a base layer's ``output_dtype``.
-        explicit_comm: the base does no TP communication of its own (an MoE expert under expert
-            TP: the token dispatcher gathers its input and reduces its output); the outputs and
-            dX stay partial sums, and only LoRA's own T×r tensor (u or du) is reduced here.
         mix: several adapters in one batch (``multi.AdapterMix``): the factors are stacked, u and
             du are gated per row, and each row's dropout uses its adapter's threshold (``scale``
             is then 1 and ``thr`` the largest threshold).
     """
 
-    group: dist.ProcessGroup | None
-    world: int
-    rank: int
+    mode: TPMode
     scale: float
     thr: int
-    sequence_parallel: bool
     backend: Backend
-    gather_output: bool = False
-    input_is_parallel: bool = True
-    out_dtype: torch.dtype | None = None
-    explicit_comm: bool = False
     mix: AdapterMix | None = None
 
     def dropout(self, seed: torch.Tensor | None) -> DropoutSpec:
@@ -181,7 +166,7 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-class _ColumnParallelLoRAFn(torch.autograd.Function):
+class ColumnParallelLoRAFn(torch.autograd.Function):
     """Column-parallel base: W_i [N/t, K], A [r, K] replicated, B_i [N/t, r]. x: [T or T/t, K]."""
 
     @staticmethod
@@ -189,24 +174,24 @@ class _ColumnParallelLoRAFn(torch.autograd.Function):
         be, drop = plan.backend, plan.dropout(seed)
         u_dtype = lora_act_dtype(x.dtype, lora_a.dtype)
         with _no_autocast(x.device):
-            if plan.sequence_parallel and u_dtype == x.dtype:
+            if plan.mode.sequence_parallel and u_dtype == x.dtype:
                 # [x_i | u_i] rides in the base's all-gather: u's rows are computed once, by their owner.
                 T_i, K, R = x.shape[0], x.shape[1], lora_a.shape[0]
                 packed = torch.empty(T_i, K + R, dtype=x.dtype, device=x.device)  # row j = [x_j | u_j]
-                L.lora_shrink_fwd(x, lora_a, drop=drop.shifted(rows=plan.rank * T_i), out=packed[:, K:],
+                L.lora_shrink_fwd(x, lora_a, drop=drop.shifted(rows=plan.mode.rank * T_i), out=packed[:, K:],
                                   x_out=packed[:, :K], backend=be)
-                plan.gate(packed[:, K:], plan.rank * T_i)
-                X, u = D.all_gather_rows(packed, plan.group).split([K, R], dim=1)
+                plan.gate(packed[:, K:], plan.mode.rank * T_i)
+                X, u = D.all_gather_rows(packed, plan.mode.group).split([K, R], dim=1)
                 u_saved = u.clone()  # compact: saving the view would pin the gathered x
             else:
-                X = D.all_gather_rows(x, plan.group) if plan.sequence_parallel else x
+                X = D.all_gather_rows(x, plan.mode.group) if plan.mode.sequence_parallel else x
                 u = torch.empty(X.shape[0], lora_a.shape[0], dtype=u_dtype, device=x.device)
                 u = u_saved = L.lora_shrink_fwd(X, lora_a, drop=drop, out=u, backend=be)
                 plan.gate(u, 0)
-            y = torch.empty(X.shape[0], weight.shape[0], dtype=plan.out_dtype or x.dtype, device=x.device)
+            y = torch.empty(X.shape[0], weight.shape[0], dtype=plan.mode.output_dtype or x.dtype, device=x.device)
             L.lora_linear_fwd(X, weight, u, lora_b, scale=plan.scale, bias=bias, out=y, backend=be)
-            if plan.gather_output:
-                y = D.all_gather_cols(y, plan.group)
+            if plan.mode.gather_output:
+                y = D.all_gather_cols(y, plan.mode.group)
         ctx.plan = plan
         ctx.save_for_backward(x, weight, lora_a, lora_b, u_saved, seed)
         return y
@@ -216,15 +201,15 @@ class _ColumnParallelLoRAFn(torch.autograd.Function):
     def backward(ctx, dy):
         plan, be, (x, weight, lora_a, lora_b, u, seed), (need_dx, need_da, need_db) = _unpack(ctx)
         drop = plan.dropout(seed)
-        if plan.gather_output:
+        if plan.mode.gather_output:
             n = weight.shape[0]
-            dy = dy[:, plan.rank * n:(plan.rank + 1) * n]
+            dy = dy[:, plan.mode.rank * n:(plan.mode.rank + 1) * n]
         dy = dy.to(x.dtype)
         T, K, R = dy.shape[0], weight.shape[1], lora_a.shape[0]
         dx = da = db = None
         with _no_autocast(dy.device), be.backward_scope():
             if need_dx or need_da:
-                chunks = plan.world if plan.sequence_parallel else 1
+                chunks = plan.mode.world if plan.mode.sequence_parallel else 1
                 widths = ([K] if need_dx else []) + ([R] if need_da else [])
                 buf = D.RowChunkedBuffer(T, widths, chunks, dy.dtype, dy.device)
                 du_view = buf.views[-1] if need_da else None
@@ -235,26 +220,26 @@ class _ColumnParallelLoRAFn(torch.autograd.Function):
                     # dX_i and du_i are partial sums over ranks, and dX_i is linear in du_i, so the
                     # base's one dgrad collective (r columns wider) finishes both.
                     L.lora_linear_dx(dy, weight, du, lora_a, drop=drop, out=buf.views[0], backend=be)
-                if plan.sequence_parallel:
-                    parts = buf.split(D.reduce_scatter_rows(buf.flat, plan.group))
+                if plan.mode.sequence_parallel:
+                    parts = buf.split(D.reduce_scatter_rows(buf.flat, plan.mode.group))
                 else:
                     # An expert's dX stays partial (the dispatcher reduces it): reduce du alone.
-                    if not plan.explicit_comm:
-                        D.all_reduce_(buf.flat, plan.group)
+                    if not plan.mode.explicit_comm:
+                        D.all_reduce_(buf.flat, plan.mode.group)
                     elif need_da:
-                        D.all_reduce_(buf.views[-1], plan.group)
+                        D.all_reduce_(buf.views[-1], plan.mode.group)
                     parts = buf.split(buf.flat)
                 if need_dx:
                     dx = parts[0]
                 if need_da:
-                    row0 = plan.rank * x.shape[0] if plan.sequence_parallel else 0
+                    row0 = plan.mode.rank * x.shape[0] if plan.mode.sequence_parallel else 0
                     da = L.lora_shrink_bwd(parts[-1], x, drop=drop.shifted(rows=row0), rank=R, backend=be)
             elif need_db:
                 _, db = L.lora_dy_bwd(dy, lora_b, u, scale=plan.scale, compute_du=False, backend=be)
         return dx, None, None, _deliver(lora_a, da), _deliver(lora_b, db), None, None
 
 
-class _RowParallelLoRAFn(torch.autograd.Function):
+class RowParallelLoRAFn(torch.autograd.Function):
     """Row-parallel base: W_i [N, K/t], A_i [r, K/t], B [N, r] replicated. x: [T, K/t] or [T, K]."""
 
     @staticmethod
@@ -263,13 +248,13 @@ class _RowParallelLoRAFn(torch.autograd.Function):
         k = weight.shape[1]
         # A slice of the full x is copied, as the base layer's own scatter does: saving the view
         # would keep all of x alive until backward.
-        x_i = x if plan.input_is_parallel else x[:, plan.rank * k:(plan.rank + 1) * k].contiguous()
+        x_i = x if plan.mode.input_is_parallel else x[:, plan.mode.rank * k:(plan.mode.rank + 1) * k].contiguous()
         T, N, R = x_i.shape[0], weight.shape[0], lora_a.shape[0]
         # u_i is a partial sum over ranks (the mask at the global column offset); z_i = x_i W_iᵀ +
         # s·u_i Bᵀ is too. One collective over [z | u] yields y and u.
-        drop = plan.dropout(seed).shifted(cols=plan.rank * k)
-        chunks = plan.world if plan.sequence_parallel else 1
-        buf = D.RowChunkedBuffer(T, (N, R), chunks, plan.out_dtype or x.dtype, x.device)
+        drop = plan.dropout(seed).shifted(cols=plan.mode.rank * k)
+        chunks = plan.mode.world if plan.mode.sequence_parallel else 1
+        buf = D.RowChunkedBuffer(T, (N, R), chunks, plan.mode.output_dtype or x.dtype, x.device)
         with _no_autocast(x.device):
             if buf.flat.dtype in (lora_act_dtype(x.dtype, lora_a.dtype), torch.float32):
                 u_i = L.lora_shrink_fwd(x_i, lora_a, drop=drop, out=buf.views[1], backend=be)
@@ -280,11 +265,11 @@ class _RowParallelLoRAFn(torch.autograd.Function):
                 plan.gate(u_i, 0)
                 buf.views[1].copy_(u_i.view(buf.views[1].shape))
             L.lora_linear_fwd(x_i, weight, u_i, lora_b, scale=plan.scale, out=buf.views[0], backend=be)
-            if plan.sequence_parallel:
-                y, u = buf.split(D.reduce_scatter_rows(buf.flat, plan.group))
+            if plan.mode.sequence_parallel:
+                y, u = buf.split(D.reduce_scatter_rows(buf.flat, plan.mode.group))
             else:
                 # An expert's z stays partial (the dispatcher reduces it): reduce u alone.
-                D.all_reduce_(buf.views[1] if plan.explicit_comm else buf.flat, plan.group)
+                D.all_reduce_(buf.views[1] if plan.mode.explicit_comm else buf.flat, plan.mode.group)
                 y, u = buf.split(buf.flat)
             if bias is not None:
                 y.add_(bias)
@@ -298,9 +283,9 @@ class _RowParallelLoRAFn(torch.autograd.Function):
     def backward(ctx, dy):
         plan, be, (x_i, weight, lora_a, lora_b, u, seed), (need_dx, need_da, need_db) = _unpack(ctx)
         dy = dy.to(x_i.dtype)
-        dY = D.all_gather_rows(dy, plan.group) if plan.sequence_parallel else dy
-        drop = plan.dropout(seed).shifted(cols=plan.rank * weight.shape[1])
-        u_row0 = plan.rank * dy.shape[0] if plan.sequence_parallel else 0
+        dY = D.all_gather_rows(dy, plan.mode.group) if plan.mode.sequence_parallel else dy
+        drop = plan.dropout(seed).shifted(cols=plan.mode.rank * weight.shape[1])
+        u_row0 = plan.mode.rank * dy.shape[0] if plan.mode.sequence_parallel else 0
         dx = da = None
         with _no_autocast(dy.device), be.backward_scope():
             du, db = L.lora_dy_bwd(dY, lora_b, u if need_db else None, scale=plan.scale, u_row0=u_row0,
@@ -309,8 +294,8 @@ class _RowParallelLoRAFn(torch.autograd.Function):
                 plan.gate(du, 0)
             if need_dx:
                 dx = L.lora_linear_dx(dY, weight, du, lora_a, drop=drop, backend=be)
-                if not plan.input_is_parallel:
-                    dx = D.all_gather_cols(dx, plan.group)
+                if not plan.mode.input_is_parallel:
+                    dx = D.all_gather_cols(dx, plan.mode.group)
             if need_da:
                 da = L.lora_shrink_bwd(du, x_i, drop=drop, rank=lora_a.shape[0], backend=be)
         return dx, None, None, _deliver(lora_a, da), _deliver(lora_b, db), None, None

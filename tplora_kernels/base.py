@@ -17,11 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from . import distributed as D
 from .layout import TPLayout, layout_for
+from .mode import TPMode
 
 __all__ = ["BaseSpec", "UnsupportedBase", "describe", "register_recogniser", "supported_bases"]
 
@@ -35,37 +34,23 @@ class BaseSpec:
     """A base parallel linear, as the LoRA modules see it.
 
     Attributes:
-        kind: ``"column"`` or ``"row"``.
+        mode: its tensor-parallel mode (``mode.TPMode``: kind, group, world, rank, SP, gather/split,
+            explicit communication, output dtype), normalised for the group's size.
         layout: the TP layout of its tensors (with the weight's partition stride).
         in_features: K of the full layer. out_features: N of the full layer.
-        group: its tensor-parallel group (None: the default group). world/rank: size and rank in it.
-        sequence_parallel: SP on (False when world == 1).
-        gather_output: column: all-gather the output columns.
-        input_is_parallel: row: x is already split along K.
         skip_bias_add: return the bias instead of adding it.
         external_weight: the weight is passed at call time (a tied output layer), not owned.
         is_expert: an MoE expert's layer (its parameters are reduced over the expert-DP group).
-        explicit_comm: the layer does no TP communication itself (megatron's ``explicit_expert_comm``:
-            the MoE token dispatcher gathers its input and reduces its output over the expert-TP group).
-        output_dtype: the base GEMM's output dtype when it differs from the input's, else None.
         type_name: the base layer's class name, for messages.
     """
 
-    kind: str
+    mode: TPMode
     layout: TPLayout
     in_features: int
     out_features: int
-    group: dist.ProcessGroup | None
-    world: int
-    rank: int
-    sequence_parallel: bool
-    gather_output: bool
-    input_is_parallel: bool
     skip_bias_add: bool
     external_weight: bool
     is_expert: bool
-    explicit_comm: bool
-    output_dtype: torch.dtype | None
     type_name: str
 
     def weight(self, base: nn.Module, override: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,8 +111,9 @@ def describe(module: nn.Module, kind: str | None = None) -> BaseSpec:
     for _, fn in _RECOGNISERS:
         spec = fn(module)
         if spec is not None:
-            if kind is not None and spec.kind != kind:
-                raise TypeError(f"expected a {kind}-parallel base layer, got {spec.type_name} ({spec.kind}-parallel)")
+            if kind is not None and spec.mode.kind != kind:
+                raise TypeError(f"expected a {kind}-parallel base layer, got {spec.type_name} "
+                                f"({spec.mode.kind}-parallel)")
             return spec
     raise TypeError(f"cannot wrap {type(module).__name__}: supported base layers are "
                     + "; ".join(sorted(supported_bases())))
@@ -165,19 +151,18 @@ def _megatron_spec(module: nn.Module) -> BaseSpec | None:
         bad.append(f"partition_stride={stride} on a row-parallel weight (megatron splits its input contiguously)")
     if bad:
         raise UnsupportedBase(f"cannot wrap this {name}: it uses " + "; ".join(bad))
-    group = module.tp_group
-    world = D.group_size(group)
-    # Megatron's expert layers skip their own SP gather/reduce-scatter and dgrad all-reduce.
+    # Megatron's expert layers leave their SP gather/reduce-scatter and dgrad all-reduce to the token
+    # dispatcher, so an expert layer built under an SP config runs without SP of its own.
     explicit = bool(getattr(module, "explicit_expert_comm", False))
-    return BaseSpec(
-        kind=kind, layout=layout_for(kind, stride), in_features=int(module.input_size),
-        out_features=int(module.output_size), group=group, world=world, rank=D.group_rank(group),
-        sequence_parallel=bool(getattr(module, "sequence_parallel", False)) and world > 1 and not explicit,
-        gather_output=bool(getattr(module, "gather_output", False)) and world > 1,
-        input_is_parallel=bool(getattr(module, "input_is_parallel", True)) or world == 1,
-        skip_bias_add=bool(module.skip_bias_add), external_weight=weight is None,
-        is_expert=bool(getattr(module, "is_expert", False)), explicit_comm=explicit,
-        output_dtype=getattr(module, "output_dtype", None), type_name=name)
+    mode = TPMode.build(kind, group=module.tp_group,
+                        sequence_parallel=bool(getattr(module, "sequence_parallel", False)) and not explicit,
+                        gather_output=bool(getattr(module, "gather_output", False)),
+                        input_is_parallel=bool(getattr(module, "input_is_parallel", True)), explicit_comm=explicit,
+                        output_dtype=getattr(module, "output_dtype", None))
+    return BaseSpec(mode=mode, layout=layout_for(kind, stride), in_features=int(module.input_size),
+                    out_features=int(module.output_size), skip_bias_add=bool(module.skip_bias_add),
+                    external_weight=weight is None, is_expert=bool(getattr(module, "is_expert", False)),
+                    type_name=name)
 
 
 register_recogniser("megatron-core ColumnParallelLinear / RowParallelLinear (and subclasses)", _megatron_spec)

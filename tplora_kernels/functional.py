@@ -8,20 +8,22 @@ backend and the dropout seed once (``backends``, ``rng``), and call the autograd
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
-from . import distributed as D
-from .autograd import Plan, _ColumnParallelLoRAFn, _RowParallelLoRAFn
+from .autograd import ColumnParallelLoRAFn, Plan, RowParallelLoRAFn
 from .config import check_dropout, check_scale
 from .mappings import base_parallel_linear
 from .mask import dropout_threshold
+from .mode import TPMode
 from .multi import AdapterMix
 from .ops.registry import Backend
 from .ops.select import get_backend
-from .rng import SeedLike, check_seed, draw_seed, resolve_seed
+from .rng import SeedLike, check_seed, resolve_seed
 
-__all__ = ["column_parallel_lora", "draw_seed", "parallel_linear", "row_parallel_lora"]
+__all__ = ["LoRAOutput", "column_parallel_lora", "parallel_linear", "parallel_lora", "row_parallel_lora"]
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -31,11 +33,6 @@ def _check_tensor(name: str, t, *, dims: int | None = None) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dims is not None and t.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-
-
-def _check_out_dtype(out_dtype) -> None:
-    if out_dtype is not None and out_dtype not in _ACT_DTYPES:
-        raise TypeError(f"out_dtype must be None or one of float32, float16, bfloat16, got {out_dtype!r}")
 
 
 def _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -> tuple[float, int]:
@@ -96,85 +93,94 @@ def _lead(x: torch.Tensor, K: int, what: str) -> None:
         raise ValueError(f"the layer's input size must be >= 1, got x of shape {tuple(x.shape)}")
 
 
-def _explicit(explicit_comm, sequence_parallel, extra_collective: bool) -> bool:
-    if explicit_comm and (sequence_parallel or extra_collective):
-        raise ValueError("explicit_comm (an MoE expert layer whose token dispatcher communicates) excludes "
-                         "sequence_parallel, gather_output and a non-parallel row input")
-    return bool(explicit_comm)
-
-
-def _column(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence_parallel, gather_output, group,
-            backend, out_dtype, explicit_comm=False, mix=None) -> tuple[torch.Tensor, Plan]:
-    scale, thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-    _check_out_dtype(out_dtype)
-    K = weight.shape[1]
-    _lead(x, K, "the layer's input size")
-    if lora_a.shape[1] != K or lora_b.shape[0] != weight.shape[0]:
-        raise ValueError(f"column-parallel LoRA expects lora_a [r, {K}] and lora_b [{weight.shape[0]}, r], "
-                         f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
-    if bias is not None and bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
-    world, rank = D.group_size(group), D.group_rank(group)
-    sp = bool(sequence_parallel) and world > 1
-    explicit = _explicit(explicit_comm, sp, bool(gather_output) and world > 1)
-    if sp and x.dim() < 2:
-        raise ValueError(f"sequence_parallel needs x with a sequence dimension, got shape {tuple(x.shape)}")
-    if mix is not None:
-        _check_mix(mix, x, lora_a, scale, thr, world if sp else 1)
-        thr = mix.max_thr
-    T = x.numel() // K * (world if sp else 1)
-    be = get_backend(x.device, backend, gemm=(x.dtype, lora_a.dtype, weight.shape[0], K, lora_a.shape[0], T, group))
-    seed_t = resolve_seed(seed, x.device) if thr else None
-    plan = Plan(group, world, rank, scale, thr, sp, be, gather_output=bool(gather_output) and world > 1,
-                out_dtype=out_dtype, explicit_comm=explicit, mix=mix)
-    lead = list(x.shape[:-1])
-    if sp:
-        lead[0] *= world
-    y = _ColumnParallelLoRAFn.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, seed_t, plan)
-    return y.view(*lead, y.shape[-1]), plan
-
-
-def _row(x, weight, lora_a, lora_b, *, bias, scale, dropout_p, seed, sequence_parallel, input_is_parallel, group,
-         backend, out_dtype, explicit_comm=False, mix=None) -> tuple[torch.Tensor, Plan]:
-    scale, thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-    _check_out_dtype(out_dtype)
-    world, rank = D.group_size(group), D.group_rank(group)
+def _in_features(mode: TPMode, weight: torch.Tensor) -> tuple[int, str]:
+    """The width x must have (and what it is): the weight's K, or the full K of a non-parallel row input."""
     k = weight.shape[1]
-    K = k if input_is_parallel else k * world
-    _lead(x, K, "this rank's input slice" if input_is_parallel else "the full input size")
-    if lora_a.shape[1] != k or lora_b.shape[0] != weight.shape[0]:
-        raise ValueError(f"row-parallel LoRA expects lora_a [r, {k}] and lora_b [{weight.shape[0]}, r], "
-                         f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if mode.kind == "column":
+        return k, "the layer's input size"
+    if mode.input_is_parallel:
+        return k, "this rank's input slice"
+    return k * mode.world, "the full input size"
+
+
+def _check_mode(mode: TPMode, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """Mode-dependent checks (every rank sees the same): returns K, the width of x's rows."""
+    if not isinstance(mode, TPMode):
+        raise TypeError(f"mode must be a tplora_kernels.TPMode, got {type(mode).__name__}")
+    K, what = _in_features(mode, weight)
+    _lead(x, K, what)
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
-    sp = bool(sequence_parallel) and world > 1
-    explicit = _explicit(explicit_comm, sp, not input_is_parallel and world > 1)
-    if explicit and bias is not None and world > 1:
+    if mode.sequence_parallel and x.dim() < 2:
+        raise ValueError(f"sequence_parallel needs x with a sequence dimension, got shape {tuple(x.shape)}")
+    if mode.kind == "row" and mode.sequence_parallel and x.shape[0] % mode.world:
+        raise ValueError(f"sequence_parallel needs x's sequence dimension (dim 0) divisible by the TP size "
+                         f"{mode.world}, got x of shape {tuple(x.shape)}")
+    if mode.kind == "row" and mode.explicit_comm and bias is not None and mode.world > 1:
         raise ValueError("explicit_comm: the output stays a partial sum, so the bias must be added after the "
                          "reduction (skip_bias_add=True, as megatron requires for expert layers)")
-    if sp and (x.dim() < 2 or x.shape[0] % world):
-        raise ValueError(f"sequence_parallel needs x's sequence dimension (dim 0) divisible by the TP size "
-                         f"{world}, got x of shape {tuple(x.shape)}")
+    return K
+
+
+class LoRAOutput(NamedTuple):
+    """What ``parallel_lora`` returns: the output, and the name of the backend that ran."""
+
+    output: torch.Tensor
+    backend: str
+
+
+def parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, mode: TPMode,
+                  *, bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
+                  seed: SeedLike = None, backend: str | Backend | None = None,
+                  mix: AdapterMix | None = None) -> LoRAOutput:
+    """LoRA on a parallel linear of either kind: the one entry the modules and both wrappers use.
+
+    ``column_parallel_lora``/``row_parallel_lora`` document each kind's math and shapes; this takes
+    the layer's ``TPMode`` instead of its flags, and also says which backend ran.
+
+    Args:
+        x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, backend, mix: as
+            ``column_parallel_lora`` (column) or ``row_parallel_lora`` (row).
+        mode: the layer's ``TPMode``.
+
+    Returns:
+        ``LoRAOutput(output, backend name)``.
+
+    Example:
+        >>> y, ran = parallel_lora(torch.randn(4, 2, 32), torch.randn(16, 32), torch.randn(8, 32),
+        ...                        torch.zeros(16, 8), TPMode.build("column"), scale=2.0, backend="torch")
+        >>> tuple(y.shape), ran
+        ((4, 2, 16), 'torch')
+    """
+    scale, thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+    K = _check_mode(mode, x, weight, bias)
+    k = weight.shape[1]
+    want_a, want_b = (k, weight.shape[0])
+    if lora_a.shape[1] != want_a or lora_b.shape[0] != want_b:
+        raise ValueError(f"{mode.kind}-parallel LoRA expects lora_a [r, {want_a}] and lora_b [{want_b}, r], "
+                         f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    rows_scale = mode.world if mode.kind == "column" and mode.sequence_parallel else 1
     if mix is not None:
-        _check_mix(mix, x, lora_a, scale, thr, 1)
+        _check_mix(mix, x, lora_a, scale, thr, rows_scale)
         thr = mix.max_thr
-    T = x.numel() // K
-    be = get_backend(x.device, backend, gemm=(x.dtype, lora_a.dtype, weight.shape[0], k, lora_a.shape[0], T, group))
+    T = x.numel() // K * rows_scale
+    be = get_backend(x.device, backend, gemm=(x.dtype, lora_a.dtype, weight.shape[0], k, lora_a.shape[0], T,
+                                              mode.group))
     seed_t = resolve_seed(seed, x.device) if thr else None
-    plan = Plan(group, world, rank, scale, thr, sp, be, input_is_parallel=bool(input_is_parallel) or world == 1,
-                out_dtype=out_dtype, explicit_comm=explicit, mix=mix)
+    plan = Plan(mode, scale, thr, be, mix=mix)
     lead = list(x.shape[:-1])
-    if sp:
-        lead[0] //= world
-    y = _RowParallelLoRAFn.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, seed_t, plan)
-    return y.view(*lead, y.shape[-1]), plan
+    if mode.sequence_parallel:
+        lead[0] = lead[0] * mode.world if mode.kind == "column" else lead[0] // mode.world
+    fn = ColumnParallelLoRAFn if mode.kind == "column" else RowParallelLoRAFn
+    y = fn.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, seed_t, plan)
+    return LoRAOutput(y.view(*lead, y.shape[-1]), be.name)
 
 
 def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
                          bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
                          seed: SeedLike = None, sequence_parallel: bool = False, gather_output: bool = False,
                          group: dist.ProcessGroup | None = None, backend: str | Backend | None = None,
-                         out_dtype: torch.dtype | None = None, explicit_comm: bool = False,
+                         output_dtype: torch.dtype | None = None, explicit_comm: bool = False,
                          mix: AdapterMix | None = None) -> torch.Tensor:
     """LoRA on a column-parallel linear: ``y_i = X W_iᵀ + s·(drop(X) Aᵀ) B_iᵀ (+ bias_i)``.
 
@@ -196,7 +202,7 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
         group: the base layer's tensor-parallel group.
         backend: a ``Backend`` or ``"triton"``, ``"cublas"``, ``"interpret"``, ``"torch"``, ``"auto"``,
             None (``TPLORA_BACKEND`` / auto).
-        out_dtype: the output's dtype (None: x's), as a base layer's ``output_dtype``.
+        output_dtype: the output's dtype (None: x's), as a base layer's ``output_dtype``.
         explicit_comm: the base layer does no TP communication (an MoE expert under expert TP,
             whose token dispatcher gathers x and reduces dX): dX stays a partial sum and du gets
             one all-reduce over ``group``.
@@ -213,16 +219,17 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
         >>> column_parallel_lora(x, w, a, b, scale=2.0).shape
         torch.Size([4, 2, 16])
     """
-    return _column(x, weight, lora_a, lora_b, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
-                   sequence_parallel=sequence_parallel, gather_output=gather_output, group=group, backend=backend,
-                   out_dtype=out_dtype, explicit_comm=explicit_comm, mix=mix)[0]
+    mode = TPMode.build("column", group=group, sequence_parallel=sequence_parallel, gather_output=gather_output,
+                        explicit_comm=explicit_comm, output_dtype=output_dtype)
+    return parallel_lora(x, weight, lora_a, lora_b, mode, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
+                         backend=backend, mix=mix).output
 
 
 def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
                       bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
                       seed: SeedLike = None, sequence_parallel: bool = False, input_is_parallel: bool = True,
                       group: dist.ProcessGroup | None = None, backend: str | Backend | None = None,
-                      out_dtype: torch.dtype | None = None, explicit_comm: bool = False,
+                      output_dtype: torch.dtype | None = None, explicit_comm: bool = False,
                       mix: AdapterMix | None = None) -> torch.Tensor:
     """LoRA on a row-parallel linear: ``y = Σ_i [x_i W_iᵀ + s·(drop(x_i) A_iᵀ) Bᵀ] (+ bias)``.
 
@@ -242,7 +249,7 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
         input_is_parallel: x is already this rank's K/t slice.
         group: the base layer's tensor-parallel group.
         backend: as ``column_parallel_lora``.
-        out_dtype: the output's dtype (None: x's); the reduction then runs in it.
+        output_dtype: the output's dtype (None: x's); the reduction then runs in it.
         explicit_comm: the base layer does no TP communication (an MoE expert under expert TP,
             whose token dispatcher reduces the output): y stays a partial sum and u gets one
             all-reduce over ``group``.
@@ -258,25 +265,25 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
         >>> tuple(y.shape)
         (3, 2, 5)
     """
-    return _row(x, weight, lora_a, lora_b, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
-                sequence_parallel=sequence_parallel, input_is_parallel=input_is_parallel, group=group,
-                backend=backend, out_dtype=out_dtype, explicit_comm=explicit_comm, mix=mix)[0]
+    mode = TPMode.build("row", group=group, sequence_parallel=sequence_parallel, input_is_parallel=input_is_parallel,
+                        explicit_comm=explicit_comm, output_dtype=output_dtype)
+    return parallel_lora(x, weight, lora_a, lora_b, mode, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
+                         backend=backend, mix=mix).output
 
 
-def parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: torch.Tensor | None = None,
-                    sequence_parallel: bool = False, gather_output: bool = False, input_is_parallel: bool = True,
-                    group: dist.ProcessGroup | None = None, out_dtype: torch.dtype | None = None,
-                    explicit_comm: bool = False) -> torch.Tensor:
+def parallel_linear(x: torch.Tensor, weight: torch.Tensor, mode: TPMode | None = None, *, kind: str | None = None,
+                    bias: torch.Tensor | None = None, sequence_parallel: bool = False, gather_output: bool = False,
+                    input_is_parallel: bool = True, group: dist.ProcessGroup | None = None,
+                    output_dtype: torch.dtype | None = None, explicit_comm: bool = False) -> torch.Tensor:
     """The frozen base layer alone (no adapter), with the base layer's own collectives.
 
     What the modules run while adapters are disabled or merged. Validated like the LoRA calls.
 
     Args:
-        x, weight, bias, sequence_parallel, group: as ``column_parallel_lora`` / ``row_parallel_lora``.
-        kind: ``"column"`` or ``"row"``.
-        gather_output: column only. input_is_parallel: row only.
-        out_dtype: the output's dtype (None: x's).
-        explicit_comm: no collective (an MoE expert layer; its dispatcher communicates).
+        x, weight, bias: as ``column_parallel_lora`` / ``row_parallel_lora``.
+        mode: the layer's ``TPMode``; or, instead, ``kind`` (``"column"``/``"row"``) and the flags
+            ``sequence_parallel``, ``gather_output`` (column), ``input_is_parallel`` (row),
+            ``group``, ``output_dtype``, ``explicit_comm`` (no collective: an MoE expert layer).
 
     Returns:
         The base layer's output, shaped as the LoRA call's.
@@ -285,22 +292,16 @@ def parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: t
         >>> parallel_linear(torch.randn(4, 2, 32), torch.randn(16, 32), kind="column").shape
         torch.Size([4, 2, 16])
     """
-    if kind not in ("column", "row"):
-        raise ValueError(f"kind must be 'column' or 'row', got {kind!r}")
+    if mode is None:
+        if kind is None:
+            raise TypeError("parallel_linear needs mode= or kind=")
+        mode = TPMode.build(kind, group=group, sequence_parallel=sequence_parallel, gather_output=gather_output,
+                            input_is_parallel=input_is_parallel, explicit_comm=explicit_comm,
+                            output_dtype=output_dtype)
     _check_tensor("x", x)
     _check_tensor("weight", weight, dims=2)
-    _check_out_dtype(out_dtype)
     if x.dtype != weight.dtype:
         raise TypeError(f"x dtype {x.dtype} must match the base weight's dtype {weight.dtype}")
-    world = D.group_size(group)
-    k = weight.shape[1]
-    K = k if kind == "column" or input_is_parallel else k * world
-    _lead(x, K, "the layer's input size" if kind == "column"
-          else "this rank's input slice" if input_is_parallel else "the full input size")
-    if kind == "row" and sequence_parallel and world > 1 and (x.dim() < 2 or x.shape[0] % world):
-        raise ValueError(f"sequence_parallel needs x's dim 0 divisible by the TP size {world}, "
-                         f"got x of shape {tuple(x.shape)}")
-    y = base_parallel_linear(x, weight, kind=kind, bias=bias, sequence_parallel=sequence_parallel,
-                             gather_output=gather_output, input_is_parallel=input_is_parallel, group=group,
-                             explicit_comm=explicit_comm)
-    return y if out_dtype is None else y.to(out_dtype)
+    _check_mode(mode, x, weight, bias)
+    y = base_parallel_linear(x, weight, mode, bias=bias)
+    return y if mode.output_dtype is None else y.to(mode.output_dtype)

@@ -10,9 +10,9 @@ the modules use ``base_parallel_linear`` when no adapter is active (disabled or 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from . import distributed as D
+from .mode import TPMode
 
 __all__ = [
     "CopyToRegion",
@@ -108,40 +108,37 @@ class ScatterCols(torch.autograd.Function):
 
 
 
-def base_parallel_linear(x: torch.Tensor, weight: torch.Tensor, *, kind: str, bias: torch.Tensor | None = None,
-                         sequence_parallel: bool = False, gather_output: bool = False,
-                         input_is_parallel: bool = True, group: dist.ProcessGroup | None = None,
-                         explicit_comm: bool = False) -> torch.Tensor:
+def base_parallel_linear(x: torch.Tensor, weight: torch.Tensor, mode: TPMode, *,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """The frozen base layer alone, with Megatron's collectives: the floor LoRA is measured against.
 
     Args:
         x: as for ``column_parallel_lora`` / ``row_parallel_lora``.
         weight: the base shard (``[N/t, K]`` column, ``[N, K/t]`` row).
-        kind: ``"column"`` or ``"row"``.
-        bias, sequence_parallel, gather_output, input_is_parallel, group: as the base layer's.
-        explicit_comm: no collective at all (an MoE expert layer: its token dispatcher communicates).
+        mode: the layer's ``TPMode`` (an ``explicit_comm`` one runs no collective at all: an MoE
+            expert layer, whose token dispatcher communicates).
+        bias: added unless None.
 
     Returns:
-        The base layer's output (bias added unless None).
+        The base layer's output, in x's dtype.
 
     Example:
-        >>> base_parallel_linear(torch.randn(3, 8), torch.randn(4, 8), kind="column").shape
+        >>> base_parallel_linear(torch.randn(3, 8), torch.randn(4, 8), TPMode.build("column")).shape
         torch.Size([3, 4])
     """
-    world = D.group_size(group)
-    sp = sequence_parallel and world > 1 and not explicit_comm
+    group, world, sp = mode.group, mode.world, mode.sequence_parallel
     x2 = x.reshape(-1, x.shape[-1])
-    if explicit_comm:
+    if mode.explicit_comm:
         y = torch.nn.functional.linear(x2, weight, bias)
         return y.view(*x.shape[:-1], y.shape[-1])
-    if kind == "column":
+    if mode.kind == "column":
         X = GatherRows.apply(x2, group) if sp else CopyToRegion.apply(x2, group)
         y = torch.nn.functional.linear(X, weight, bias)
-        if gather_output and world > 1:
+        if mode.gather_output:
             y = GatherCols.apply(y, group)
         lead = [x.shape[0] * (world if sp else 1), *x.shape[1:-1]]
     else:
-        xi = x2 if input_is_parallel or world == 1 else ScatterCols.apply(x2, group)
+        xi = x2 if mode.input_is_parallel else ScatterCols.apply(x2, group)
         z = xi @ weight.t()
         y = ReduceScatterRows.apply(z, group) if sp else ReduceFromRegion.apply(z, group)
         if bias is not None:

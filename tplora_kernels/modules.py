@@ -38,8 +38,9 @@ from torch import nn
 
 from .adapters import AdapterMixin, LoRAFactor, init_full_factors
 from .base import describe
-from .functional import _column, _row, parallel_linear
+from .functional import parallel_linear, parallel_lora
 from .mask import dropout_threshold
+from .mode import TPMode
 from .multi import BASE, build_mix
 from .naming import lora_sites
 from .rng import SeedLike, check_seed
@@ -76,10 +77,10 @@ class LoRALayer(AdapterMixin, nn.Module):
         self._register_load_state_dict_pre_hook(self._base_keys_hook)
 
     # Read-only views of the description, under the names the modules have always had.
-    tp_group = property(lambda self: self.spec.group)
-    tp_size = property(lambda self: self.spec.world)
-    tp_rank = property(lambda self: self.spec.rank)
-    sequence_parallel = property(lambda self: self.spec.sequence_parallel)
+    tp_group = property(lambda self: self.spec.mode.group)
+    tp_size = property(lambda self: self.spec.mode.world)
+    tp_rank = property(lambda self: self.spec.mode.rank)
+    sequence_parallel = property(lambda self: self.spec.mode.sequence_parallel)
     skip_bias_add = property(lambda self: self.spec.skip_bias_add)
     in_features = property(lambda self: self.spec.in_features)
     out_features = property(lambda self: self.spec.out_features)
@@ -127,7 +128,7 @@ class LoRALayer(AdapterMixin, nn.Module):
         if meta.get("dp_cp_group") is None:
             meta["dp_cp_group"] = _default_dp_cp_group()
         layout = self.spec.layout
-        groups = dict(tp_group=self.spec.group, dp_cp_group=meta["dp_cp_group"],
+        groups = dict(tp_group=self.spec.mode.group, dp_cp_group=meta["dp_cp_group"],
                       prepend_offsets=sharded_offsets)
         out = {}
         if include_base:
@@ -209,27 +210,22 @@ class LoRALayer(AdapterMixin, nn.Module):
         return dict(lora_a=torch.cat([factors[n][0] for n in used], dim=0),
                     lora_b=torch.cat([factors[n][1] for n in used], dim=1), scale=1.0, dropout_p=0.0, mix=mix)
 
-    def _forward(self, x: torch.Tensor, weight: torch.Tensor | None, gather_output: bool,
+    def _forward(self, x: torch.Tensor, weight: torch.Tensor | None, mode: TPMode,
                  adapter_names: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         spec, base = self.spec, self.base_layer
         w = spec.weight(base, weight)
         bias = None if spec.skip_bias_add else base.bias
-        mode = (dict(gather_output=gather_output) if spec.kind == "column"
-                else dict(input_is_parallel=spec.input_is_parallel))
-        common = dict(bias=bias, sequence_parallel=spec.sequence_parallel, group=spec.group,
-                      out_dtype=spec.output_dtype, explicit_comm=spec.explicit_comm, **mode)
         lora = self._lora_call(x, adapter_names if adapter_names is not None else self.batch_adapters)
         if lora is None:
             self.last_backend = "base"
-            out = parallel_linear(x, w, kind=spec.kind, **common)
+            out = parallel_linear(x, w, mode, bias=bias)
         else:
-            call = _column if spec.kind == "column" else _row
-            out, plan = call(x, w, seed=self.seed, backend=self.backend, **lora, **common)
-            self.last_backend = plan.backend.name
+            out, self.last_backend = parallel_lora(x, w, mode=mode, bias=bias, seed=self.seed, backend=self.backend,
+                                                   **lora)
         return out, (base.bias if spec.skip_bias_add else None)
 
     def extra_repr(self) -> str:
-        return (f"tp_size={self.spec.world}, sequence_parallel={self.spec.sequence_parallel}, "
+        return (f"tp_size={self.spec.mode.world}, sequence_parallel={self.spec.mode.sequence_parallel}, "
                 f"stride={self.spec.layout.weight.stride}, adapters={ {n: o.r for n, o in self._options.items()} }, "
                 f"active={self.active_adapter!r}")
 
@@ -346,7 +342,7 @@ class ColumnParallelLoRA(LoRALayer):
     @property
     def gather_output(self) -> bool:
         """The base layer's ``gather_output`` (False at TP=1)."""
-        return self.spec.gather_output
+        return self.spec.mode.gather_output
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None,
                 runtime_gather_output: bool | None = None,
@@ -363,8 +359,10 @@ class ColumnParallelLoRA(LoRALayer):
         Returns:
             ``(output, bias)`` exactly as ``ColumnParallelLinear.forward``.
         """
-        gather = self.spec.gather_output if runtime_gather_output is None else bool(runtime_gather_output)
-        return self._forward(x, weight, gather and self.spec.world > 1, adapter_names)
+        mode = self.spec.mode
+        if runtime_gather_output is not None and bool(runtime_gather_output) != mode.gather_output:
+            mode = mode.with_gather(bool(runtime_gather_output))
+        return self._forward(x, weight, mode, adapter_names)
 
 
 class RowParallelLoRA(LoRALayer):
@@ -384,7 +382,7 @@ class RowParallelLoRA(LoRALayer):
     @property
     def input_is_parallel(self) -> bool:
         """The base layer's ``input_is_parallel`` (True at TP=1)."""
-        return self.spec.input_is_parallel
+        return self.spec.mode.input_is_parallel
 
     def forward(self, x: torch.Tensor,
                 adapter_names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -397,4 +395,4 @@ class RowParallelLoRA(LoRALayer):
         Returns:
             ``(output, bias)`` as ``RowParallelLinear``.
         """
-        return self._forward(x, None, False, adapter_names)
+        return self._forward(x, None, self.spec.mode, adapter_names)

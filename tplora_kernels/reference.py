@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed as D
 from .mappings import (
     CopyToRegion,
     GatherCols,
@@ -28,6 +27,7 @@ from .mappings import (
     base_parallel_linear,
 )
 from .mask import dropout_threshold, keep_mask, keep_scale
+from .mode import TPMode
 
 __all__ = [
     "base_parallel_linear",
@@ -106,16 +106,14 @@ def column_parallel_lora_reference(x, weight, lora_a, lora_b, *, bias=None, scal
         >>> column_parallel_lora_reference(x, w, a, b).shape
         torch.Size([3, 4])
     """
-    world, rank = D.group_size(group), D.group_rank(group)
-    sp = sequence_parallel and world > 1
-    y = base_parallel_linear(x, weight, kind="column", bias=bias, sequence_parallel=sp, gather_output=gather_output,
-                             group=group)
+    mode = TPMode.build("column", group=group, sequence_parallel=sequence_parallel, gather_output=gather_output)
+    y = base_parallel_linear(x, weight, mode, bias=bias)
     x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
-    row0 = rank * x2.shape[0] if sp else 0
+    row0 = mode.rank * x2.shape[0] if mode.sequence_parallel else 0
     u = _dropout(x2, dropout_p, seed, row0, 0, dropout) @ lora_a.t()
-    U = GatherRows.apply(u, group) if sp else CopyToRegion.apply(u, group)
+    U = GatherRows.apply(u, group) if mode.sequence_parallel else CopyToRegion.apply(u, group)
     z = U @ lora_b.t()
-    if gather_output and world > 1:
+    if mode.gather_output:
         z = GatherCols.apply(z, group)
     return (y + scale * z.view(y.shape)).to(x.dtype)
 
@@ -140,14 +138,12 @@ def row_parallel_lora_reference(x, weight, lora_a, lora_b, *, bias=None, scale=1
         >>> tuple(y.shape)
         (2, 3, 4)
     """
-    world, rank = D.group_size(group), D.group_rank(group)
-    sp = sequence_parallel and world > 1
-    y = base_parallel_linear(x, weight, kind="row", bias=bias, sequence_parallel=sp,
-                             input_is_parallel=input_is_parallel, group=group)
+    mode = TPMode.build("row", group=group, sequence_parallel=sequence_parallel, input_is_parallel=input_is_parallel)
+    y = base_parallel_linear(x, weight, mode, bias=bias)
     x2 = x.reshape(-1, x.shape[-1])
-    xi = x2 if input_is_parallel or world == 1 else ScatterCols.apply(x2, group)
+    xi = x2 if mode.input_is_parallel else ScatterCols.apply(x2, group)
     xi = xi.to(lora_a.dtype)
-    u = _dropout(xi, dropout_p, seed, 0, rank * weight.shape[1], dropout) @ lora_a.t()
-    U = ReduceScatterRows.apply(u, group) if sp else ReduceFromRegion.apply(u, group)
+    u = _dropout(xi, dropout_p, seed, 0, mode.rank * weight.shape[1], dropout) @ lora_a.t()
+    U = ReduceScatterRows.apply(u, group) if mode.sequence_parallel else ReduceFromRegion.apply(u, group)
     z = U @ lora_b.t()
     return (y + scale * z.view(y.shape)).to(x.dtype)

@@ -91,7 +91,7 @@ def _scope(group: dist.ProcessGroup | None, sites: Sequence[LoRASite], *, writes
             return Scope.of(None)
     except ImportError:
         pass
-    groups = {id(s.module.spec.group): s.module.spec.group for s in sites}
+    groups = {id(s.module.spec.mode.group): s.module.spec.mode.group for s in sites}
     return Scope.of(next(iter(groups.values())) if len(groups) == 1 else None)
 
 

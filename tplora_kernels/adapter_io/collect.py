@@ -114,8 +114,8 @@ def peers_of(sites: Sequence[LoRASite]) -> set[int]:
         return set()
     out: set[int] = set()
     for s in sites:
-        if s.module.spec.group is not None:
-            out.update(dist.get_process_group_ranks(s.module.spec.group))
+        if s.module.spec.mode.group is not None:
+            out.update(dist.get_process_group_ranks(s.module.spec.mode.group))
     try:
         from megatron.core import parallel_state as ps
 
@@ -159,12 +159,12 @@ def full_factors(module: torch.nn.Module, adapter: str) -> tuple[torch.Tensor, t
     """
     a = module.lora_A[adapter]().detach()
     b = module.lora_B[adapter]().detach()
-    full_a, full_b = module.spec.layout.gather_factors(a, b, module.spec.group)
+    full_a, full_b = module.spec.layout.gather_factors(a, b, module.spec.mode.group)
     return full_a.clone(), full_b.clone()
 
 
 def _tp_ranks(site: LoRASite) -> list[int]:
-    tp = site.module.spec.group
+    tp = site.module.spec.mode.group
     return dist.get_process_group_ranks(tp) if tp is not None else list(range(dist.get_world_size()))
 
 

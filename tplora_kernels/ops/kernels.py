@@ -13,6 +13,17 @@ kernel                      computes                                    reads on
 ``_lora_shrink_bwd_kernel``  ``dA = duᵀ drop(X)``                         X
 ==========================  ==========================================  ===================
 
+DoRA's per-output-column factor ``g`` (``COL_SCALE``, fp32 ``[N]``) and its extras, each a
+constexpr flag whose off setting compiles to the code above:
+
+* ``linear_fwd``: ``acc = drop(X) Wᵀ + s·u Bᵀ`` (``HAS_DROPOUT``: X masked in the K loop with
+  shrink_fwd's bits, only that product rescaled); ``OUT0`` stores ``acc`` (pre-scale, no bias),
+  then ``out = g ⊙ acc (+ bias)``.
+* ``dy_bwd``: ``g ⊙ dy`` feeds du and dB (g applied on dy's load); ``COMPUTE_DM`` also reduces
+  ``dm = Σ_t dy ⊙ y0`` over u's rows from the same read of dy, as fp32 partials per row block.
+* ``linear_dx``: ``(g ⊙ dy) W + du A``; ``MASK_ALL`` masks the whole sum (in the epilogue)
+  instead of the LoRA term only.
+
 Conventions that every kernel shares:
 
 * **Row-chunked operands.** Every operand with one row per token ("T-row") is addressed as
@@ -211,20 +222,32 @@ def _lora_shrink_fwd_kernel(
              mask=m_m[:, None] & m_r[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "RPC"])
+@triton.jit
+def _keep_at(seed, o_row, o_col, g0, BLOCK: tl.constexpr, PACKED: tl.constexpr, THR):
+    """The keep-mask of rows ``o_row`` x columns ``o_col`` (``8·g0 ..`` when ``PACKED``): ``_keep8`` or ``_keep``."""
+    if PACKED:
+        keep = _keep8(seed, o_row, g0, BLOCK, THR)
+    else:
+        keep = _keep(seed, o_row, o_col, THR)
+    return keep
+
+
+@triton.jit(do_not_specialize=["T", "RPC", "row0", "col0", "PERIOD"])
 def _lora_linear_fwd_kernel(
-    p_x, p_w, p_u, p_b, p_bias, p_out,
+    p_x, p_w, p_u, p_b, p_bias, p_out, p_g, p_out0, p_seed, p_rthr,
     T, N, K, R, RPC,
     s_xc, s_xm, s_xk,
     s_wn, s_wk,
     s_uc, s_um, s_ur,
     s_bn, s_br,
     s_oc, s_om, s_on,
-    s_bias,
-    scale,
-    HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    s_o0c, s_o0m, s_o0n,
+    s_bias, s_g,
+    scale, row0, col0, inv_keep, PERIOD,
+    HAS_BIAS: tl.constexpr, COL_SCALE: tl.constexpr, OUT0: tl.constexpr, THR: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, ROW_THR: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     o_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -237,6 +260,8 @@ def _lora_linear_fwd_kernel(
     # accumulator of the K loop. Added after the loop instead, it would be a second BM x BN fp32
     # tile live beside the accumulator, which at 128x256 (8 warps) or 128x128 (4 warps) is past
     # sm_90's 255 registers: ptxas spills and serialises the wgmma pipeline.
+    # With dropout the launcher passes scale = s·(1-p): the one 1/(1-p) after the loop rescales
+    # the dropped X Wᵀ and gives the seed back its s, with still one fp32 tile.
     o_um = _rows(o_m, RPC, s_uc, s_um)
     b_u = tl.load(p_u + o_um[:, None] + o_r[None, :] * s_ur, mask=m_m[:, None] & m_r[None, :], other=0.0)
     b_bt = tl.load(p_b + o_n[None, :] * s_bn + o_r[:, None] * s_br, mask=m_r[:, None] & m_n[None, :],
@@ -244,13 +269,26 @@ def _lora_linear_fwd_kernel(
     acc = _dot(b_u, b_bt, None, _B_TO_A, INTERP_BF16, PRECISION)
     acc = acc * scale
     o_xm = _rows(o_m, RPC, s_xc, s_xm)
+    if HAS_DROPOUT:
+        seed = tl.load(p_seed)
+        thr = _thr(p_rthr, row0 + o_m, PERIOD, THR, ROW_THR)
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         m_k = o_k < K
         b_x = tl.load(p_x + o_xm[:, None] + o_k[None, :] * s_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        if HAS_DROPOUT:  # shrink_fwd's mask, bit for bit
+            b_x = b_x * _keep_at(seed, row0 + o_m, col0 + o_k, (col0 + k0) >> 3, BLOCK_K, PACKED, thr).to(b_x.dtype)
         b_wt = tl.load(p_w + o_n[None, :] * s_wn + o_k[:, None] * s_wk, mask=m_k[:, None] & m_n[None, :],
                        other=0.0)
         acc = _dot(b_x, b_wt, acc, _SAME, INTERP_BF16, PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    if OUT0:  # DoRA saves the pre-scale output for dm; stored before the scale so no copy is live
+        o_o0m = _rows(o_m, RPC, s_o0c, s_o0m)
+        tl.store(p_out0 + o_o0m[:, None] + o_n[None, :] * s_o0n, _cast_out(acc, p_out0, INTERP_BF16),
+                 mask=m_m[:, None] & m_n[None, :])
+    if COL_SCALE:
+        acc = acc * tl.load(p_g + o_n * s_g, mask=m_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(p_bias + o_n * s_bias, mask=m_n, other=0.0).to(tl.float32)[None, :]
     o_om = _rows(o_m, RPC, s_oc, s_om)
@@ -260,14 +298,16 @@ def _lora_linear_fwd_kernel(
 
 @triton.jit(do_not_specialize=["T", "RPC", "U_ROW0", "U_ROWS"])
 def _lora_dy_bwd_kernel(
-    p_dy, p_b, p_u, p_dup, p_dbp,
+    p_dy, p_b, p_u, p_dup, p_dbp, p_g, p_y0, p_dmp,
     T, N, R, RPC, U_ROW0, U_ROWS, N_PER_SPLIT,
     s_dyc, s_dym, s_dyn,
     s_bn, s_br,
     s_um, s_ur,
     s_dpt, s_dpm, s_dpr,
     s_pt, s_pn, s_pr,
-    COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    s_g, s_y0m, s_y0n, s_qt, s_qn,
+    COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr, COL_SCALE: tl.constexpr, COMPUTE_DM: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # Grid (row blocks of BLOCK_M, column splits of N_PER_SPLIT): each program streams its block
@@ -278,6 +318,8 @@ def _lora_dy_bwd_kernel(
     # at most for r <= 16, and the column splits give the grid enough programs for the GPU.
     # u holds rows [U_ROW0, U_ROW0 + U_ROWS) of dy's row space (row-parallel SP keeps only its
     # own rows of u); partial slot = this block's index among the blocks that meet those rows.
+    # DoRA: du and dB take g ⊙ dy (COL_SCALE); dm's Σ_t dy ⊙ y0 over the same rows as dB (y0
+    # indexed like u) goes to fp32 partials p_dmp[block, N] from the same tile of dy (COMPUTE_DM).
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     o_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -285,15 +327,16 @@ def _lora_dy_bwd_kernel(
     m_m = o_m < T
     m_r = o_r < R
     o_dym = _rows(o_m, RPC, s_dyc, s_dym)
-    if COMPUTE_DB:
+    if COMPUTE_DB or COMPUTE_DM:
         o_ul = o_m - U_ROW0
         m_u = m_m & (o_ul >= 0) & (o_ul < U_ROWS)
-        b_u = tl.load(p_u + o_ul[:, None] * s_um + o_r[None, :] * s_ur, mask=m_u[:, None] & m_r[None, :],
-                      other=0.0)
         first = U_ROW0 // BLOCK_M
         last = (U_ROW0 + U_ROWS - 1) // BLOCK_M
         do_db = (pid >= first) & (pid <= last)
         slot = (pid - first).to(tl.int64)
+    if COMPUTE_DB:
+        b_u = tl.load(p_u + o_ul[:, None] * s_um + o_r[None, :] * s_ur, mask=m_u[:, None] & m_r[None, :],
+                      other=0.0)
     acc_du = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     n_start = pid_s.to(tl.int64) * N_PER_SPLIT
     for n0 in range(n_start, tl.minimum(n_start + N_PER_SPLIT, N), BLOCK_N):
@@ -301,6 +344,16 @@ def _lora_dy_bwd_kernel(
         m_n = o_n < N
         b_dy = tl.load(p_dy + o_dym[:, None] + o_n[None, :] * s_dyn, mask=m_m[:, None] & m_n[None, :],
                        other=0.0)
+        if COMPUTE_DM:
+            if do_db:
+                b_y0 = tl.load(p_y0 + o_ul[:, None] * s_y0m + o_n[None, :] * s_y0n, mask=m_u[:, None] & m_n[None, :],
+                               other=0.0)
+                # Raw dy (dm's g is the caller's); where(), as for dB below: another rank's Inf is not NaN here.
+                b_dm = tl.sum(tl.where(m_u[:, None], b_dy.to(tl.float32) * b_y0.to(tl.float32), 0.0), axis=0)
+                tl.store(p_dmp + slot * s_qt + o_n * s_qn, b_dm, mask=m_n)
+        if COL_SCALE:  # g ⊙ dy rounded once to dy's dtype, the dots' operand dtype
+            b_g = tl.load(p_g + o_n * s_g, mask=m_n, other=0.0)
+            b_dy = _cast_out(b_dy.to(tl.float32) * b_g[None, :], p_dy, INTERP_BF16)
         if COMPUTE_DU:
             b_b = tl.load(p_b + o_n[:, None] * s_bn + o_r[None, :] * s_br, mask=m_n[:, None] & m_r[None, :],
                           other=0.0)
@@ -320,16 +373,17 @@ def _lora_dy_bwd_kernel(
 
 @triton.jit(do_not_specialize=["T", "RPC", "row0", "col0", "PERIOD"])
 def _lora_linear_dx_kernel(
-    p_dy, p_w, p_du, p_a, p_dx, p_seed, p_rthr,
+    p_dy, p_w, p_du, p_a, p_dx, p_seed, p_rthr, p_g,
     T, N, K, R, RPC,
     s_dyc, s_dym, s_dyn,
     s_wn, s_wk,
     s_duc, s_dum, s_dur,
     s_ar, s_ak,
     s_dxc, s_dxm, s_dxk,
+    s_g,
     row0, col0, inv_keep, PERIOD,
     THR: tl.constexpr, HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, ROW_THR: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
+    COL_SCALE: tl.constexpr, MASK_ALL: tl.constexpr, INTERP_BF16: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -343,27 +397,36 @@ def _lora_linear_dx_kernel(
     # Prologue: (du A) ⊙ M / (1-p) seeds the accumulator, for the same reason as in the forward,
     # and so the mask's registers (Philox state, the keep tile) are dead before the main loop
     # starts instead of live beside its accumulator. The mask is regenerated from (seed, row, col).
+    # MASK_ALL (DoRA under dropout) masks the whole sum instead, so its mask waits for the epilogue,
+    # where nothing but the accumulator is live.
     o_dum = _rows(o_m, RPC, s_duc, s_dum)
     b_du = tl.load(p_du + o_dum[:, None] + o_r[None, :] * s_dur, mask=m_m[:, None] & m_r[None, :], other=0.0)
     b_a = tl.load(p_a + o_r[:, None] * s_ar + o_k[None, :] * s_ak, mask=m_r[:, None] & m_k[None, :], other=0.0)
     acc = _dot(b_du, b_a, None, _B_TO_A, INTERP_BF16, PRECISION)
     if HAS_DROPOUT:
         seed = tl.load(p_seed)
-        thr = _thr(p_rthr, row0 + o_m, PERIOD, THR, ROW_THR)
-        if PACKED:
-            keep = _keep8(seed, row0 + o_m, (col0 + pid_k.to(tl.int64) * BLOCK_K) >> 3, BLOCK_K, thr)
-        else:
-            keep = _keep(seed, row0 + o_m, col0 + o_k, thr)
-        acc = acc * (keep.to(tl.float32) * inv_keep)
+        g0 = (col0 + pid_k.to(tl.int64) * BLOCK_K) >> 3
+        if not MASK_ALL:
+            thr = _thr(p_rthr, row0 + o_m, PERIOD, THR, ROW_THR)
+            keep = _keep_at(seed, row0 + o_m, col0 + o_k, g0, BLOCK_K, PACKED, thr)
+            acc = acc * (keep.to(tl.float32) * inv_keep)
     o_dym = _rows(o_m, RPC, s_dyc, s_dym)
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < N
         b_dy = tl.load(p_dy + o_dym[:, None] + o_n[None, :] * s_dyn, mask=m_m[:, None] & m_n[None, :],
                        other=0.0)
+        if COL_SCALE:  # g ⊙ dy rounded once to dy's dtype, as in the dy pass
+            b_g = tl.load(p_g + o_n * s_g, mask=m_n, other=0.0)
+            b_dy = _cast_out(b_dy.to(tl.float32) * b_g[None, :], p_dy, INTERP_BF16)
         b_w = tl.load(p_w + o_n[:, None] * s_wn + o_k[None, :] * s_wk, mask=m_n[:, None] & m_k[None, :],
                       other=0.0)
         acc = _dot(b_dy, b_w, acc, _SAME, INTERP_BF16, PRECISION)
+    if HAS_DROPOUT:
+        if MASK_ALL:
+            thr = _thr(p_rthr, row0 + o_m, PERIOD, THR, ROW_THR)
+            keep = _keep_at(seed, row0 + o_m, col0 + o_k, g0, BLOCK_K, PACKED, thr)
+            acc = acc * (keep.to(tl.float32) * inv_keep)
     o_dxm = _rows(o_m, RPC, s_dxc, s_dxm)
     tl.store(p_dx + o_dxm[:, None] + o_k[None, :] * s_dxk, _cast_out(acc, p_dx, INTERP_BF16),
              mask=m_m[:, None] & m_k[None, :])

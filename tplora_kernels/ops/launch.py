@@ -7,6 +7,12 @@ wrappers views into its collective buffers.
 
 T-row operands (one row per token) may be plain 2-D tensors ``[T, W]`` with any strides, or
 row-chunked 3-D views ``[C, T/C, W]`` of a collective buffer (see ``kernels``).
+
+DoRA (weight-decomposed LoRA, ``g = m / ||W + s·B·A||`` per output column, a constant in the
+backward) adds keyword arguments to ``lora_linear_fwd`` (``col_scale``, ``out0``, ``drop``),
+``lora_dy_bwd`` (``col_scale``, ``y0``, ``dm_out``) and ``lora_linear_dx`` (``col_scale``,
+``mask_all``). Left at their defaults, each op computes what it did without them, bit for bit;
+the backend receives only the ones given, so a backend written before them still runs plain calls.
 """
 
 from __future__ import annotations
@@ -97,6 +103,45 @@ def _check_drop(drop: DropoutSpec, device: torch.device) -> None:
         raise ValueError(f"the dropout seed must be on the operands' device {device}, got {drop.seed.device}")
 
 
+def _check_col_scale(g: torch.Tensor | None, N: int) -> None:
+    if g is None:
+        return
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"col_scale must be a torch.Tensor, got {type(g).__name__}")
+    if g.dtype != torch.float32:
+        raise TypeError(f"col_scale must be float32 (one fp32 factor per output column), got {g.dtype}")
+    if g.dim() != 1 or g.shape[0] != N:
+        raise ValueError(f"col_scale must be [{N}] (one factor per output column), got shape {tuple(g.shape)}")
+
+
+def _check_dm(y0: torch.Tensor | None, dm_out: torch.Tensor | None, u: torch.Tensor | None, u_row0: int, T: int,
+              N: int) -> None:
+    """``y0`` holds rows ``[u_row0, u_row0 + Y)`` of dy's rows (those of ``u`` when given); ``dm_out`` is fp32 [N]."""
+    if (y0 is None) != (dm_out is None):
+        given = "y0" if dm_out is None else "dm_out"
+        raise ValueError(f"y0 and dm_out go together (dm_out receives Σ_t dy·y0), got {given} alone")
+    if y0 is None:
+        return
+    _check_float("y0", y0)
+    if y0.dim() != 2 or y0.shape[1] != N:
+        raise ValueError(f"y0 must be [Y, {N}] (the saved pre-scale output, 2-D like u), got shape {tuple(y0.shape)}")
+    if u is not None and y0.shape[0] != u.shape[0]:
+        raise ValueError(f"y0 must hold u's rows of dy, [u_row0, u_row0+{u.shape[0]}), got {y0.shape[0]} rows")
+    if not 0 <= u_row0 <= u_row0 + y0.shape[0] <= T:
+        raise ValueError(f"y0 must cover rows [u_row0, u_row0+Y) of {T}, got {tuple(y0.shape)} at u_row0={u_row0}")
+    if not isinstance(dm_out, torch.Tensor):
+        raise TypeError(f"dm_out must be a torch.Tensor, got {type(dm_out).__name__}")
+    if dm_out.dtype != torch.float32:
+        raise TypeError(f"dm_out must be float32, got {dm_out.dtype}")
+    if dm_out.shape != (N,):
+        raise ValueError(f"dm_out must be [{N}], got shape {tuple(dm_out.shape)}")
+
+
+def _given(**kw) -> dict:
+    """The DoRA arguments that are set: a backend sees only those (plain calls stay plain)."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def _new_rows(T: int, width: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.empty(T, width, dtype=dtype or like.dtype, device=like.device)
 
@@ -150,8 +195,12 @@ def lora_shrink_fwd(x: torch.Tensor, lora_a: torch.Tensor, *, drop: DropoutSpec 
 
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor, *,
                     scale: float, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    backend: Backend | str | None = None) -> torch.Tensor:
+                    col_scale: torch.Tensor | None = None, out0: torch.Tensor | None = None,
+                    drop: DropoutSpec = NO_DROPOUT, backend: Backend | str | None = None) -> torch.Tensor:
     """``out = x Wᵀ + s·u Bᵀ (+ bias)``: the base GEMM with the LoRA up-projection as one more step.
+
+    With DoRA's arguments: ``acc = drop(x) Wᵀ + s·u Bᵀ`` in fp32 (only the base product sees the
+    dropout and its 1/(1-p)); ``out0 <- acc``; ``out = col_scale ⊙ acc (+ bias)``.
 
     Args:
         x: ``[T, K]`` activations (any strides) or a row-chunked view.
@@ -159,8 +208,13 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, lora
         u: ``[T, r]`` from ``lora_shrink_fwd`` (any strides, or row-chunked; fp32 or x's dtype).
         lora_b: ``[N, r]`` LoRA B (fp32 or a 16-bit dtype).
         scale: the LoRA scale s (alpha/r, or alpha/sqrt(r) for rsLoRA).
-        bias: optional ``[N]``, added in the epilogue.
+        bias: optional ``[N]``, added in the epilogue (after ``col_scale``).
         out: optional ``[T, N]`` destination (any strides, or row-chunked); default x's dtype.
+        col_scale: optional fp32 ``[N]``, DoRA's ``g``: multiplies each output column before the bias.
+        out0: optional ``[T, N]`` destination (any strides, or row-chunked, its own dtype) for the
+            pre-scale ``acc`` without bias (DoRA's ``y0`` for the magnitude's gradient).
+        drop: dropout of x in the base product only, positioned at ``x[0, 0]``: the same mask as
+            ``lora_shrink_fwd``'s with the same spec.
         backend: a ``Backend``, a registered name, or None (``TPLORA_BACKEND``, else the automatic
             choice of ``ops.select``).
 
@@ -171,6 +225,10 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, lora
         >>> x, w, u, b = torch.randn(8, 32), torch.randn(16, 32), torch.randn(8, 4), torch.randn(16, 4)
         >>> lora_linear_fwd(x, w, u, b, scale=2.0).shape
         torch.Size([8, 16])
+        >>> g, y0 = torch.rand(16) + 0.5, torch.empty(8, 16)
+        >>> y = lora_linear_fwd(x, w, u, b, scale=2.0, col_scale=g, out0=y0)
+        >>> torch.allclose(y, g * y0)
+        True
     """
     T, _, N, R = _check_gemm("x", x, weight, 1, "lora_b", lora_b, 0)
     _check_out("u", u, T, R)
@@ -178,20 +236,32 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, lora
         _check_float("bias", bias)
         if bias.shape != (N,):
             raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
-    device = _check_same_device(x=x, weight=weight, u=u, lora_b=lora_b, bias=bias, out=out)
+    _check_col_scale(col_scale, N)
+    if out0 is not None:
+        _check_out("out0", out0, T, N)
+    device = _check_same_device(x=x, weight=weight, u=u, lora_b=lora_b, bias=bias, out=out, col_scale=col_scale,
+                                out0=out0)
+    _check_drop(drop, device)
     if out is None:
         out = _new_rows(T, N, x)
     _check_out("out", out, T, N)
     if T == 0 or N == 0:
         return out
-    _backend(backend, device).linear_fwd(x, weight, u, lora_b, bias, out, float(scale), _rpc(T, x, u, out))
+    dora = _given(col_scale=col_scale, out0=out0, drop=drop if drop.active else None)
+    _backend(backend, device).linear_fwd(x, weight, u, lora_b, bias, out, float(scale), _rpc(T, x, u, out, out0),
+                                         **dora)
     return out
 
 
 def lora_dy_bwd(dy: torch.Tensor, lora_b: torch.Tensor, u: torch.Tensor | None, *, scale: float,
                 u_row0: int = 0, du_out: torch.Tensor | None = None, compute_du: bool = True,
+                col_scale: torch.Tensor | None = None, y0: torch.Tensor | None = None,
+                dm_out: torch.Tensor | None = None,
                 backend: Backend | str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``du = s·dy B`` and ``dB = s·dyᵀ u`` from one read of ``dy``.
+
+    With DoRA's arguments: ``g ⊙ dy`` replaces dy in both (``col_scale``), and ``dm_out[n] =
+    Σ_t dy[t, n]·y0[t, n]`` over y0's rows (raw dy) comes from the same read.
 
     Args:
         dy: ``[T, N]`` output gradient (any strides, or row-chunked).
@@ -202,6 +272,11 @@ def lora_dy_bwd(dy: torch.Tensor, lora_b: torch.Tensor, u: torch.Tensor | None, 
         u_row0: first dy row that ``u`` covers.
         du_out: optional ``[T, r]`` destination for du (row-chunked allowed); default dy's dtype.
         compute_du: False skips du (returns None for it).
+        col_scale: optional fp32 ``[N]``, DoRA's ``g``: ``du = s·(g ⊙ dy) B``, ``dB = s·(g ⊙ dy)ᵀ u``.
+        y0: optional ``[Y, N]`` saved pre-scale output (any strides, its own dtype) holding rows
+            ``[u_row0, u_row0 + Y)`` of dy's rows, like ``u`` (the same rows when u is given).
+        dm_out: fp32 ``[N]``, given with ``y0``: receives (is overwritten with) ``Σ_t dy ⊙ y0``
+            over y0's rows, in a fixed summation order. Computed with or without u and du.
         backend: a ``Backend``, a registered name, or None (``TPLORA_BACKEND``, else the automatic
             choice of ``ops.select``).
 
@@ -213,6 +288,10 @@ def lora_dy_bwd(dy: torch.Tensor, lora_b: torch.Tensor, u: torch.Tensor | None, 
         >>> du, db = lora_dy_bwd(dy, b, u, scale=0.5)
         >>> du.shape, db.shape
         (torch.Size([8, 4]), torch.Size([16, 4]))
+        >>> y0, dm = torch.randn(4, 16), torch.empty(16)
+        >>> _ = lora_dy_bwd(dy, b, None, scale=0.5, compute_du=False, u_row0=2, y0=y0, dm_out=dm)
+        >>> torch.allclose(dm, (dy[2:6] * y0).sum(0))
+        True
     """
     _check_float("dy", dy)
     T, N = _rows_of("dy", dy), dy.shape[-1]
@@ -222,19 +301,28 @@ def lora_dy_bwd(dy: torch.Tensor, lora_b: torch.Tensor, u: torch.Tensor | None, 
         _check_weight("u", u, (None, R))
         if not 0 <= u_row0 <= u_row0 + u.shape[0] <= T:
             raise ValueError(f"u must cover rows [u_row0, u_row0+U) of {T}, got {tuple(u.shape)} at u_row0={u_row0}")
-    device = _check_same_device(dy=dy, lora_b=lora_b, u=u, du_out=du_out)
+    _check_col_scale(col_scale, N)
+    _check_dm(y0, dm_out, u, u_row0, T, N)
+    device = _check_same_device(dy=dy, lora_b=lora_b, u=u, du_out=du_out, col_scale=col_scale, y0=y0,
+                                dm_out=dm_out)
     du = None
     if compute_du:
         du = du_out if du_out is not None else _new_rows(T, R, dy)
         _check_out("du_out", du, T, R)
-    if u is None and du is None:
+    if u is None and du is None and dm_out is None:
         return None, None
     want_db = u is not None
     if u is not None and u.shape[0] == 0:
         u = None  # no rows of dy meet u here: dB is zero
+    if y0 is not None and y0.shape[0] == 0:
+        dm_out.zero_()  # nor y0: dm is zero
+        y0 = dm_out = None
     db = None
-    if T > 0 and R > 0 and (u is not None or du is not None):
-        db = _backend(backend, device).dy_bwd(dy, lora_b, u, u_row0, du, float(scale), _rpc(T, dy, du))
+    lora = R > 0 and (u is not None or du is not None)
+    if T > 0 and (lora or dm_out is not None):
+        dora = _given(col_scale=col_scale, y0=y0, dm_out=dm_out)
+        db = _backend(backend, device).dy_bwd(dy, lora_b, u if R > 0 else None, u_row0, du if R > 0 else None,
+                                              float(scale), _rpc(T, dy, du), **dora)
     if want_db and db is None:
         db = torch.zeros(N, R, dtype=torch.float32, device=device)
     return du, db
@@ -242,8 +330,12 @@ def lora_dy_bwd(dy: torch.Tensor, lora_b: torch.Tensor, u: torch.Tensor | None, 
 
 def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lora_a: torch.Tensor, *,
                    drop: DropoutSpec = NO_DROPOUT, out: torch.Tensor | None = None,
+                   col_scale: torch.Tensor | None = None, mask_all: bool = False,
                    backend: Backend | str | None = None) -> torch.Tensor:
     """``dx = dy W + (du A) ⊙ M / (1-p)``, with the dropout mask regenerated in-kernel.
+
+    With DoRA's arguments: ``(g ⊙ dy) W`` replaces ``dy W`` (``col_scale``), and ``mask_all``
+    gives ``dx = [(g ⊙ dy) W + du A] ⊙ M / (1-p)``, the whole sum masked.
 
     Args:
         dy: ``[T, N]`` output gradient (any strides, or row-chunked).
@@ -252,6 +344,8 @@ def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lor
         lora_a: ``[r, K]``.
         drop: the forward's dropout (same mask).
         out: optional ``[T, K]`` destination (any strides, or row-chunked); default dy's dtype.
+        col_scale: optional fp32 ``[N]``, DoRA's ``g``, applied to dy for the base product only.
+        mask_all: mask (and rescale) the whole sum, not only ``du A`` (no effect without dropout).
         backend: a ``Backend``, a registered name, or None (``TPLORA_BACKEND``, else the automatic
             choice of ``ops.select``).
 
@@ -262,17 +356,24 @@ def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, du: torch.Tensor, lor
         >>> dy, w, du, a = torch.randn(8, 16), torch.randn(16, 32), torch.randn(8, 4), torch.randn(4, 32)
         >>> lora_linear_dx(dy, w, du, a).shape
         torch.Size([8, 32])
+        >>> g = torch.rand(16) + 0.5
+        >>> torch.allclose(lora_linear_dx(dy, w, du, a, col_scale=g), (g * dy) @ w + du @ a, atol=1e-5)
+        True
     """
-    T, _, K, R = _check_gemm("dy", dy, weight, 0, "lora_a", lora_a, 1)
+    T, N, K, R = _check_gemm("dy", dy, weight, 0, "lora_a", lora_a, 1)
     _check_out("du", du, T, R)
-    device = _check_same_device(dy=dy, weight=weight, du=du, lora_a=lora_a, out=out)
+    _check_col_scale(col_scale, N)
+    if not isinstance(mask_all, bool):
+        raise TypeError(f"mask_all must be a bool, got {type(mask_all).__name__}")
+    device = _check_same_device(dy=dy, weight=weight, du=du, lora_a=lora_a, out=out, col_scale=col_scale)
     _check_drop(drop, device)
     if out is None:
         out = _new_rows(T, K, dy)
     _check_out("out", out, T, K)
     if T == 0 or K == 0:
         return out
-    _backend(backend, device).linear_dx(dy, weight, du, lora_a, out, drop, _rpc(T, dy, du, out))
+    dora = _given(col_scale=col_scale, mask_all=True if mask_all and drop.active else None)
+    _backend(backend, device).linear_dx(dy, weight, du, lora_a, out, drop, _rpc(T, dy, du, out), **dora)
     return out
 
 

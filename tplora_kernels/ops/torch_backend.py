@@ -98,7 +98,10 @@ class TorchBackend(Backend):
                 acc.mul_(drop.keep_scale)
             uc.copy_(acc)
 
-    def linear_fwd(self, x, w, u, b, bias, out, scale, rpc) -> None:
+    def linear_fwd(self, x, w, u, b, bias, out, scale, rpc, *, col_scale=None, out0=None, drop=None) -> None:
+        if col_scale is not None or out0 is not None or (drop is not None and drop.active):
+            self._dora_fwd(x, w, u, b, bias, out, scale, rpc, col_scale, out0, drop)
+            return
         low = x.dtype != torch.float32 or out.dtype != torch.float32
         wt = w.t().float() if low else w.t()
         bt = b.t().float()
@@ -117,19 +120,48 @@ class TorchBackend(Backend):
             if bias is not None:
                 oc.add_(bias)
 
-    def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc):
+    def _dora_fwd(self, x, w, u, b, bias, out, scale, rpc, col_scale, out0, drop) -> None:
+        """``linear_fwd`` with DoRA's extras: all in fp32, rounded once into each output."""
+        keep = self._full_keep(drop, x, rpc) if drop is not None else None
+        wt, bt = w.t().float(), b.t().float()
+        o0s = row_chunks(out0, rpc) if out0 is not None else None
+        for i, (xc, uc, oc) in enumerate(zip(row_chunks(x, rpc), row_chunks(u, rpc), row_chunks(out, rpc))):
+            if keep is not None:  # drop(x) Wᵀ rescaled, then the LoRA term as is
+                acc = torch.mm(_masked(xc, keep[i * rpc:i * rpc + xc.shape[0]]).float(), wt).mul_(drop.keep_scale)
+            else:
+                acc = torch.mm(xc.float(), wt)
+            acc.addmm_(uc.float(), bt, alpha=scale)
+            if o0s is not None:
+                o0s[i].copy_(acc)
+            if col_scale is not None:
+                acc.mul_(col_scale)
+            if bias is not None:
+                acc.add_(bias.float())
+            oc.copy_(acc)
+
+    def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc, *, col_scale=None, y0=None, dm_out=None):
         dyc = row_chunks(dy, rpc)
+        # g ⊙ dy in fp32 (the kernels round it to dy's dtype for their dots; this is the exact product).
+        gdy = (lambda t: t.float() * col_scale) if col_scale is not None else (lambda t: t.float())
         if du is not None:
             bf = b.float()
             for dc, duc in zip(dyc, row_chunks(du, rpc)):
-                duc.copy_(torch.mm(dc.float(), bf).mul_(scale))
-        if u is None:
+                duc.copy_(torch.mm(gdy(dc), bf).mul_(scale))
+        if u is None and dm_out is None:
             return None
         dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
+        if dm_out is not None:
+            rows = dy2[u_row0:u_row0 + y0.shape[0]]
+            torch.sum(rows.float() * y0.float(), dim=0, out=dm_out)
+        if u is None:
+            return None
         rows = dy2[u_row0:u_row0 + u.shape[0]]
-        return torch.mm(rows.float().t(), u.float()).mul_(scale)
+        return torch.mm(gdy(rows).t(), u.float()).mul_(scale)
 
-    def linear_dx(self, dy, w, du, a, dx, drop, rpc) -> None:
+    def linear_dx(self, dy, w, du, a, dx, drop, rpc, *, col_scale=None, mask_all=False) -> None:
+        if col_scale is not None or (mask_all and drop.active):
+            self._dora_dx(dy, w, du, a, dx, drop, rpc, col_scale, mask_all and drop.active)
+            return
         af = a.float()
         keep = self._full_keep(drop, dx, rpc)
         for i, (dc, duc, xc) in enumerate(zip(row_chunks(dy, rpc), row_chunks(du, rpc), row_chunks(dx, rpc))):
@@ -142,6 +174,19 @@ class TorchBackend(Backend):
                 xc.add_(lora)
             else:  # fp16/bf16: accumulate in fp32, round once
                 xc.copy_(torch.mm(dc.float(), w.float()).add_(lora))
+
+    def _dora_dx(self, dy, w, du, a, dx, drop, rpc, col_scale, mask_all) -> None:
+        """``linear_dx`` with DoRA's extras: ``(g ⊙ dy) W + du A``, masked in part or whole, in fp32."""
+        af, wf = a.float(), w.float()
+        keep = self._full_keep(drop, dx, rpc)
+        for i, (dc, duc, xc) in enumerate(zip(row_chunks(dy, rpc), row_chunks(du, rpc), row_chunks(dx, rpc))):
+            lora = torch.mm(duc.float(), af)
+            base = torch.mm(dc.float() * col_scale if col_scale is not None else dc.float(), wf)
+            if keep is None:
+                xc.copy_(base.add_(lora))
+                continue
+            scaled = keep[i * rpc:i * rpc + xc.shape[0]].float().mul_(drop.keep_scale)
+            xc.copy_(base.add_(lora).mul_(scaled) if mask_all else base.add_(lora.mul_(scaled)))
 
     def shrink_bwd(self, du, x, drop, rpc):
         keep = self._full_keep(drop, x, rpc)

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..mask import NO_DROPOUT
 from . import configs as C
 from . import kernels as _k
 from .kernels import interpreter_active
@@ -121,53 +122,73 @@ class TritonBackend(Backend):
                  **_row_strides("xo", xo, rpc, "k"), **_dropout(drop, x.device), COPY_X=x_out is not None,
                  **self._flags(x.dtype), BLOCK_K=C.RED[x.dtype], BLOCK_R=C.block_r(R), **meta)
 
-    def linear_fwd(self, x, w, u, b, bias, out, scale, rpc) -> None:
+    def linear_fwd(self, x, w, u, b, bias, out, scale, rpc, *, col_scale=None, out0=None, drop=None) -> None:
         T, N, K, R = out.numel() // out.shape[-1], w.shape[0], w.shape[1], b.shape[1]
+        drop = NO_DROPOUT if drop is None else drop
+        o0 = out0 if out0 is not None else out  # unused pointers when their flag is off
         fn, meta = self._kernel("linear_fwd", R)
         grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
         fn[grid](p_x=x, p_w=w, p_u=u, p_b=b, p_bias=bias if bias is not None else w, p_out=out,
+                 p_g=col_scale if col_scale is not None else w, p_out0=o0,
                  T=T, N=N, K=K, R=R, RPC=rpc, **_row_strides("x", x, rpc, "k"), s_wn=w.stride(0), s_wk=w.stride(1),
                  **_row_strides("u", u, rpc, "r"), s_bn=b.stride(0), s_br=b.stride(1),
-                 **_row_strides("o", out, rpc, "n"), s_bias=bias.stride(0) if bias is not None else 0,
-                 scale=scale, HAS_BIAS=bias is not None, **self._flags(x.dtype), BLOCK_K=C.RED[x.dtype],
-                 BLOCK_R=C.block_r(R), GROUP_M=C.GROUP_M, **meta)
+                 **_row_strides("o", out, rpc, "n"), **_row_strides("o0", o0, rpc, "n"),
+                 s_bias=bias.stride(0) if bias is not None else 0,
+                 s_g=col_scale.stride(0) if col_scale is not None else 0,
+                 # The kernel seeds its accumulator with scale·u Bᵀ and multiplies it by 1/(1-p) with
+                 # the dropped product after the K loop: s·(1-p) here makes that s·u Bᵀ again.
+                 scale=scale / drop.keep_scale if drop.active else scale, **_dropout(drop, x.device),
+                 HAS_BIAS=bias is not None, COL_SCALE=col_scale is not None, OUT0=out0 is not None,
+                 **self._flags(x.dtype), BLOCK_K=C.RED[x.dtype], BLOCK_R=C.block_r(R), GROUP_M=C.GROUP_M, **meta)
 
-    def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc):
+    def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc, *, col_scale=None, y0=None, dm_out=None):
         T, N, R = dy.numel() // dy.shape[-1], dy.shape[-1], b.shape[1]
-        compute_db = u is not None
-        # fp32 partials, summed below in a fixed order: dB's per row block that meets u's rows,
-        # du's per column split.
+        compute_db, compute_dm = u is not None, dm_out is not None
+        # fp32 partials, summed below in a fixed order: dB's and dm's per row block that meets u's
+        # (and y0's) rows, du's per column split.
         rows = C.dy_rows(C.block_r(R))
-        n_part = (u_row0 + u.shape[0] - 1) // rows - u_row0 // rows + 1 if compute_db else 1
-        db_part = torch.empty(n_part, N if compute_db else 1, R, dtype=torch.float32, device=dy.device)
+        n_rows = u.shape[0] if compute_db else y0.shape[0] if compute_dm else 0
+        n_part = (u_row0 + n_rows - 1) // rows - u_row0 // rows + 1 if n_rows else 1
+        db_part = torch.empty(n_part if compute_db else 1, N if compute_db else 1, R, dtype=torch.float32,
+                              device=dy.device)
+        dm_part = torch.empty(n_part if compute_dm else 1, N if compute_dm else 1, dtype=torch.float32,
+                              device=dy.device)
         splits = triton.cdiv(N, C.DY_COLS)
         du_part = torch.empty(splits if du is not None else 1, T if du is not None else 1, R, dtype=torch.float32,
                               device=dy.device)
-        u_k = u if compute_db else b  # unused pointer when COMPUTE_DB is off
+        u_k = u if compute_db else b  # unused pointers when their flag is off
+        y0_k = y0 if compute_dm else dy
         fn, meta = self._kernel("dy_bwd", R)
         fn[(triton.cdiv(T, rows), splits)](
-            p_dy=dy, p_b=b, p_u=u_k, p_dup=du_part, p_dbp=db_part, T=T, N=N, R=R, RPC=rpc, U_ROW0=u_row0,
-            U_ROWS=u.shape[0] if compute_db else 0, N_PER_SPLIT=C.DY_COLS, **_row_strides("dy", dy, rpc, "n"),
-            s_bn=b.stride(0), s_br=b.stride(1), s_um=u_k.stride(0), s_ur=u_k.stride(1), s_dpt=du_part.stride(0),
-            s_dpm=du_part.stride(1), s_dpr=du_part.stride(2), s_pt=db_part.stride(0), s_pn=db_part.stride(1),
-            s_pr=db_part.stride(2), COMPUTE_DU=du is not None, COMPUTE_DB=compute_db, **self._flags(dy.dtype),
+            p_dy=dy, p_b=b, p_u=u_k, p_dup=du_part, p_dbp=db_part, p_g=col_scale if col_scale is not None else b,
+            p_y0=y0_k, p_dmp=dm_part, T=T, N=N, R=R, RPC=rpc, U_ROW0=u_row0, U_ROWS=n_rows, N_PER_SPLIT=C.DY_COLS,
+            **_row_strides("dy", dy, rpc, "n"), s_bn=b.stride(0), s_br=b.stride(1), s_um=u_k.stride(0),
+            s_ur=u_k.stride(1), s_dpt=du_part.stride(0), s_dpm=du_part.stride(1), s_dpr=du_part.stride(2),
+            s_pt=db_part.stride(0), s_pn=db_part.stride(1), s_pr=db_part.stride(2),
+            s_g=col_scale.stride(0) if col_scale is not None else 0, s_y0m=y0_k.stride(-2), s_y0n=y0_k.stride(-1),
+            s_qt=dm_part.stride(0), s_qn=dm_part.stride(1), COMPUTE_DU=du is not None, COMPUTE_DB=compute_db,
+            COL_SCALE=col_scale is not None, COMPUTE_DM=compute_dm, **self._flags(dy.dtype),
             BLOCK_M=rows, BLOCK_N=C.RED[dy.dtype], BLOCK_R=C.block_r(R), **meta)
         if du is not None:
             total = du_part[0] if splits == 1 else du_part.sum(0)
             du.copy_(total.mul_(scale).view(du.shape))
+        if compute_dm:
+            dm_out.copy_(dm_part[0] if n_part == 1 else dm_part.sum(0))
         if not compute_db:
             return None
         return (db_part[0] if n_part == 1 else db_part.sum(0)).mul_(scale)
 
-    def linear_dx(self, dy, w, du, a, dx, drop, rpc) -> None:
+    def linear_dx(self, dy, w, du, a, dx, drop, rpc, *, col_scale=None, mask_all=False) -> None:
         T, N, K, R = dx.numel() // dx.shape[-1], w.shape[0], w.shape[1], a.shape[0]
         fn, meta = self._kernel("linear_dx", R)
         grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),)  # noqa: E731
-        fn[grid](p_dy=dy, p_w=w, p_du=du, p_a=a, p_dx=dx, T=T, N=N, K=K, R=R, RPC=rpc,
+        fn[grid](p_dy=dy, p_w=w, p_du=du, p_a=a, p_dx=dx, p_g=col_scale if col_scale is not None else w,
+                 T=T, N=N, K=K, R=R, RPC=rpc,
                  **_row_strides("dy", dy, rpc, "n"), s_wn=w.stride(0), s_wk=w.stride(1),
                  **_row_strides("du", du, rpc, "r"), s_ar=a.stride(0), s_ak=a.stride(1),
-                 **_row_strides("dx", dx, rpc, "k"), **_dropout(drop, dy.device), **self._flags(dy.dtype),
-                 BLOCK_N=C.RED[dy.dtype], BLOCK_R=C.block_r(R), GROUP_M=C.GROUP_M, **meta)
+                 **_row_strides("dx", dx, rpc, "k"), s_g=col_scale.stride(0) if col_scale is not None else 0,
+                 **_dropout(drop, dy.device), COL_SCALE=col_scale is not None, MASK_ALL=mask_all and drop.active,
+                 **self._flags(dy.dtype), BLOCK_N=C.RED[dy.dtype], BLOCK_R=C.block_r(R), GROUP_M=C.GROUP_M, **meta)
 
     def shrink_bwd(self, du, x, drop, rpc):
         T, K, R = x.numel() // x.shape[-1], x.shape[-1], du.shape[-1]
