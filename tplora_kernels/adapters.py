@@ -177,11 +177,13 @@ class _OptionView(MutableMapping):
 class AdapterMixin:
     """The adapter registry and merging of a LoRA layer (PEFT's LoraLayer vocabulary).
 
-    The host module provides ``self.spec`` (a ``base.BaseSpec``), ``self.base_layer`` and
-    ``self.lora_dtype``, and calls ``_init_adapters()`` in its ``__init__``.
+    The host module (a ``torch.nn.Module`` after this mixin in its bases) provides ``self.spec`` (a
+    ``base.BaseSpec``), ``self.base_layer`` and ``self.lora_dtype``; ``__init__`` sets up the empty
+    registry.
     """
 
-    def _init_adapters(self) -> None:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self._options: dict[str, AdapterOptions] = {}
@@ -196,17 +198,33 @@ class AdapterMixin:
     lora_dropout = property(lambda self: _OptionView(self._options, "lora_dropout"))
     use_rslora = property(lambda self: _OptionView(self._options, "use_rslora"))
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter of this layer, in creation order."""
+        return list(self._options)
+
     def adapter_options(self, name: str) -> AdapterOptions:
         """The options of adapter ``name``."""
         self._check_adapter(name)
         return self._options[name]
 
     # -- construction ------------------------------------------------------------------------
-    def _create_adapter(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
-                        init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
-        # Draw new factors: the one place that communicates (group rank 0's draw, broadcast).
-        # ``update_layer`` and ``add_adapter`` are its public faces; the PEFT subclass overrides
-        # ``update_layer`` with PEFT's signature.
+    def draw_adapter(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
+        """Create (or replace) adapter ``adapter_name`` with newly drawn factors: the one path that communicates.
+
+        Every rank draws the full factors (``init_full_factors``), then the TP group's rank 0's draw
+        is broadcast (one broadcast of A and B), so a replicated factor is one tensor on every rank
+        even if the ranks' generators were seeded apart; each rank keeps its slice. Every rank of
+        the group must call it, layer by layer in the same order. ``add_adapter`` and
+        ``update_layer`` (PEFT's name) are its faces; ``register_adapter`` takes given factors with
+        no communication.
+
+        Args: as ``update_layer``.
+
+        Example:
+            >>> # layer.draw_adapter("fresh", 8, lora_alpha=16)
+        """
         options = AdapterOptions.build(r, lora_alpha, lora_dropout, use_rslora)
         init = check_init(init_lora_weights)
         self._check_replaceable(adapter_name)
@@ -277,7 +295,7 @@ class AdapterMixin:
         options = AdapterOptions.build(r, lora_alpha, lora_dropout, use_rslora)
         self._install(adapter_name, options, full_a.detach(), full_b.detach())
 
-    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapter ``name``'s local A and B for compute, each read by calling its holder.
 
         Never ``.weight``: the owner's forward pre-hook is where Megatron DDP's param all-gather,
@@ -324,7 +342,7 @@ class AdapterMixin:
         Example:
             >>> # layer.update_layer("default", 16, lora_alpha=32)   # re-initialise "default" at r=16
         """
-        self._create_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        self.draw_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              init_lora_weights=init_lora_weights, use_rslora=use_rslora)
 
     def add_adapter(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
@@ -342,7 +360,7 @@ class AdapterMixin:
         if adapter_name in self.lora_A:
             raise ValueError(f"adapter_name {adapter_name!r} already exists on this layer "
                              f"({sorted(self.lora_A)}); use update_layer() to replace it")
-        self._create_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        self.draw_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              init_lora_weights=init_lora_weights, use_rslora=use_rslora)
 
     def load_full_factors(self, adapter_name: str, full_a: torch.Tensor, full_b: torch.Tensor) -> None:
@@ -482,7 +500,7 @@ class AdapterMixin:
             >>> # layer.base_layer.weight + layer.get_delta_weight("default")  # the merged shard
         """
         self._check_adapter(adapter)
-        a, b = (f.detach().float() for f in self._factors(adapter))
+        a, b = (f.detach().float() for f in self.factors(adapter))
         return (b @ a).mul_(self._options[adapter].scaling).to(self._factor_like().dtype)
 
     def _mergeable_weight(self) -> torch.Tensor:

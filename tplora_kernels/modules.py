@@ -69,8 +69,7 @@ class LoRALayer(AdapterMixin, nn.Module):
         self.last_backend: str | None = None
         # One adapter name per sample for the mixed batches to come (set_batch_adapters), or None.
         self.batch_adapters: list[str] | None = None
-        self._init_adapters()
-        self._create_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        self.draw_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              init_lora_weights=init_lora_weights, use_rslora=use_rslora)
         self.set_adapter(adapter_name)
         # A state dict of the unwrapped base layer (``<prefix>weight``) loads into this module.
@@ -167,18 +166,19 @@ class LoRALayer(AdapterMixin, nn.Module):
         mixed call; without, the one active adapter runs.
         Everything is checked here, before any collective, from what every rank sees alike.
         """
-        if self._disable_adapters:
+        if self.disable_adapters:
             return None
         if names is None:
-            if not self._active or self.merged:
+            if not self.active_adapters or self.merged:
                 return None
-            if len(self._active) > 1:
-                raise ValueError(f"adapters {self._active} are all active: name one per sample "
+            if len(self.active_adapters) > 1:
+                raise ValueError(f"adapters {self.active_adapters} are all active: name one per sample "
                                  "(tplora_kernels.set_batch_adapters, or adapter_names=), or activate one")
             # Factors are read by calling their holders (_factors), never as ``.weight``: Megatron
             # DDP's param all-gather, FSDP2's unshard and offloading act in the holder's pre-forward.
-            opt = self._options[self._active[0]]
-            a, b = self._factors(self._active[0])
+            name = self.active_adapters[0]
+            opt = self.adapter_options(name)
+            a, b = self.factors(name)
             return dict(lora_a=a, lora_b=b, scale=opt.scaling, dropout_p=opt.lora_dropout if self.training else 0.0)
         if self.merged:
             raise ValueError(f"a mixed batch cannot run on a merged layer (merged: {self.merged_adapters}); unmerge()")
@@ -192,18 +192,18 @@ class LoRALayer(AdapterMixin, nn.Module):
         # Every adapter's holders are called, in registry order, whatever this batch names: under
         # Megatron's overlap_param_gather (or FSDP2 on the holders) a call can start a collective
         # over the data-parallel ranks, whose batches name different adapters.
-        factors = {n: self._factors(n) for n in self._options}
+        factors = {n: self.factors(n) for n in self.adapter_names}
         # PEFT's rule: a sample whose adapter this layer does not have gets the base layer here
         # (adapters may target different layers); set_batch_adapters checks the names model-wide.
         # A trainable active adapter joins even with no sample here (its rows all gated off): its
         # factors then get a zero gradient on this rank, as on the ranks whose samples use it, and
         # Megatron's overlap_grad_reduce does not wait for a bucket that one rank never fills.
         named = set(names)
-        trainable = {n for n in self._active if torch.is_grad_enabled() and self.lora_A[n].weight.requires_grad}
-        used = [n for n in self._options if n in named or n in trainable]
+        trainable = {n for n in self.active_adapters if torch.is_grad_enabled() and self.lora_A[n].weight.requires_grad}
+        used = [n for n in self.adapter_names if n in named or n in trainable]
         if not used:
             return None
-        opts = [self._options[n] for n in used]
+        opts = [self.adapter_options(n) for n in used]
         thrs = [dropout_threshold(o.lora_dropout) if self.training else 0 for o in opts]
         mix = build_mix([used.index(n) if n in used else -1 for n in names], ranks=[o.r for o in opts],
                         scales=[o.scaling for o in opts], thrs=thrs, device=x.device)
@@ -225,9 +225,9 @@ class LoRALayer(AdapterMixin, nn.Module):
         return out, (base.bias if spec.skip_bias_add else None)
 
     def extra_repr(self) -> str:
+        ranks = {n: self.adapter_options(n).r for n in self.adapter_names}
         return (f"tp_size={self.spec.mode.world}, sequence_parallel={self.spec.mode.sequence_parallel}, "
-                f"stride={self.spec.layout.weight.stride}, adapters={ {n: o.r for n, o in self._options.items()} }, "
-                f"active={self.active_adapter!r}")
+                f"stride={self.spec.layout.weight.stride}, adapters={ranks}, active={self.active_adapter!r}")
 
 
 def lora_modules(model: nn.Module | Sequence[nn.Module]) -> list[tuple[str, LoRALayer]]:
@@ -290,7 +290,7 @@ def set_batch_adapters(model: nn.Module | Sequence[nn.Module], adapter_names: Se
         adapter_names = list(adapter_names)
         if not all(isinstance(n, str) for n in adapter_names):
             raise TypeError(f"adapter_names must be a list of str, got {adapter_names!r}")
-        known = {n for _, m in mods for n in m._options}
+        known = {n for _, m in mods for n in m.adapter_names}
         unknown = sorted({n for n in adapter_names if n != BASE and n not in known})
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}: the model's LoRA layers have {sorted(known)}")

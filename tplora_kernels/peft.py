@@ -90,7 +90,7 @@ class _PeftLoRAMixin:
         if config is None:
             raise TypeError("update_layer needs config=<peft LoraConfig>")
         opts = layer_options(config, target_name=kwargs.get("target_name"), r=r, lora_alpha=lora_alpha)
-        self._create_adapter(adapter_name, **opts)
+        self.draw_adapter(adapter_name, **opts)
         if getattr(config, "inference_mode", False) and adapter_name == self.active_adapter:
             self.set_adapter(adapter_name, inference_mode=True)
 

@@ -60,7 +60,7 @@ import triton.language as tl
 
 from ..mask import PHILOX_ROUNDS
 
-__all__ = ["interpreter_active"]
+__all__ = ["KERNELS", "interpreter_active"]
 
 _ROUNDS = tl.constexpr(PHILOX_ROUNDS)
 # _dot's CAST: which operand of a mixed-dtype dot (a LoRA weight in fp32 beside 16-bit activations)
@@ -489,6 +489,11 @@ def _lora_shrink_bwd_kernel(
         acc = acc * inv_keep
     tl.store(p_dap + pid_s.to(tl.int64) * s_pt + o_r[:, None] * s_pr + o_k[None, :] * s_pk, acc,
              mask=m_r[:, None] & m_k[None, :])
+
+
+KERNELS = {"shrink_fwd": _lora_shrink_fwd_kernel, "linear_fwd": _lora_linear_fwd_kernel, "dy_bwd": _lora_dy_bwd_kernel,
+           "linear_dx": _lora_linear_dx_kernel, "shrink_bwd": _lora_shrink_bwd_kernel}
+"""The kernels by op name: what the backends launch and the compile gate compiles (the kernels stay private)."""
 
 
 def interpreter_active() -> bool:

@@ -15,22 +15,16 @@ import triton.language as tl
 
 from ..mask import NO_DROPOUT
 from . import configs as C
-from . import kernels as _k
-from .kernels import interpreter_active
+from .kernels import KERNELS, interpreter_active
 from .registry import Backend, Support, register_backend
 
 __all__ = ["InterpretBackend", "TritonBackend"]
 
-_TUNED = {
-    "linear_fwd": triton.autotune(C.LINEAR_CONFIGS, key=["N", "K", "R"])(_k._lora_linear_fwd_kernel),
-    "linear_dx": triton.autotune(C.DX_CONFIGS, key=["N", "K", "R"])(_k._lora_linear_dx_kernel),
-    "shrink_fwd": triton.autotune(C.SHRINK_CONFIGS, key=["K", "R"])(_k._lora_shrink_fwd_kernel),
-    "shrink_bwd": triton.autotune(C.SHRINK_BWD_CONFIGS, key=["K", "R"])(_k._lora_shrink_bwd_kernel),
-    "dy_bwd": triton.autotune(C.DY_CONFIGS, key=["N", "R"])(_k._lora_dy_bwd_kernel),
-}
-_RAW = {"linear_fwd": _k._lora_linear_fwd_kernel, "linear_dx": _k._lora_linear_dx_kernel,
-        "shrink_fwd": _k._lora_shrink_fwd_kernel, "shrink_bwd": _k._lora_shrink_bwd_kernel,
-        "dy_bwd": _k._lora_dy_bwd_kernel}
+# Autotune keys: the model dimensions each kernel's tiles depend on, never the token count.
+_AUTOTUNE_KEYS = {"linear_fwd": ["N", "K", "R"], "linear_dx": ["N", "K", "R"], "shrink_fwd": ["K", "R"],
+                  "shrink_bwd": ["K", "R"], "dy_bwd": ["N", "R"]}
+
+_TUNED = {op: triton.autotune(C.CONFIGS[op], key=_AUTOTUNE_KEYS[op])(kernel) for op, kernel in KERNELS.items()}
 
 
 def _rs(t: torch.Tensor, rpc: int) -> tuple[int, int, int]:
@@ -103,7 +97,7 @@ class TritonBackend(Backend):
         if os.environ.get("TPLORA_AUTOTUNE", "1") != "0":
             return _TUNED[op], {}
         c = C.CONFIGS[op][C.pinned(op, C.block_r(R))]
-        return _RAW[op], {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        return KERNELS[op], {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
     def _flags(self, dtype: torch.dtype) -> dict:
         # fp32 follows torch's own fp32 matmul setting, so fp32 here is as accurate as torch's fp32
@@ -218,7 +212,7 @@ class InterpretBackend(TritonBackend):
         return _interpreter_works()
 
     def _kernel(self, op: str, R: int):
-        return _RAW[op], {k: C.INTERP_BLOCK for k in C.CONFIGS[op][0].kwargs}
+        return KERNELS[op], {k: C.INTERP_BLOCK for k in C.CONFIGS[op][0].kwargs}
 
     def _flags(self, dtype: torch.dtype) -> dict:
         # Triton's interpreter mis-emulates bf16 dots and casts (kernels docstring): fix it there only.
