@@ -74,7 +74,7 @@ MIXED_NAMES = ("code", "default", "__base__", "code")  # one adapter per global 
 FORMATS = ("fully_reshardable", "dp_reshardable")
 
 
-# -- the CPU shim -------------------------------------------------------------------------------
+# -- the CPU shims ------------------------------------------------------------------------------
 def _cpu_device(device):
     if isinstance(device, (str, int, torch.device)) and torch.device(device).type == "cuda":
         return torch.device("cpu")
@@ -96,6 +96,8 @@ class _CudaMeansTheCpu(TorchFunctionMode):
 
 
 def _set_states_but_step(original):
+    """``_set_main_param_and_optimizer_states`` without ``step``, each parameter keeping its own (module docstring)."""
+
     def set_states(self, model_param, tensors):
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
