@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import AdapterMixin, LoRAFactor, init_full_factors
+from .adapters import AdapterMixin
 from .base import describe
 from .functional import parallel_linear, parallel_lora
 from .mask import dropout_threshold
@@ -45,7 +45,7 @@ from .multi import BASE, build_mix
 from .naming import lora_sites
 from .rng import SeedLike, check_seed
 
-__all__ = ["ColumnParallelLoRA", "LoRAFactor", "LoRALayer", "RowParallelLoRA", "init_full_factors", "lora_modules",
+__all__ = ["ColumnParallelLoRA", "LoRALayer", "RowParallelLoRA", "lora_modules",
            "set_batch_adapters", "unwrap_base_layer"]
 
 

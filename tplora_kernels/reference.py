@@ -30,7 +30,6 @@ from .mask import dropout_threshold, keep_mask, keep_scale
 from .mode import TPMode
 
 __all__ = [
-    "base_parallel_linear",
     "column_parallel_lora_reference",
     "lora_dense",
     "row_parallel_lora_reference",
