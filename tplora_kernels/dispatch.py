@@ -42,7 +42,7 @@ def _kind(module: nn.Module) -> str | None:
     A supported type with an unsupported option raises ``UnsupportedBase`` (a ValueError).
     """
     try:
-        return describe(module).kind
+        return describe(module).mode.kind
     except UnsupportedBase:
         raise
     except TypeError:
