@@ -26,7 +26,7 @@ from torch import nn
 
 from ..modules import LoRALayer
 from ..naming import PEFT_PREFIX, as_chunks, lora_sites
-from .collect import Scope, agree
+from .collect import Scope, agree, touch_factors
 
 __all__ = ["adapter_sharded_state_dict", "load_adapter_checkpoint", "save_adapter_checkpoint"]
 
@@ -145,6 +145,7 @@ def save_adapter_checkpoint(model: nn.Module | Sequence[nn.Module], path: str | 
     from megatron.core import dist_checkpointing
 
     scope = Scope.of(group)
+    touch_factors(lora_sites(model, LoRALayer))  # the parameters saved are the updated ones (see touch_factors)
     shards = agree(scope, lambda: _shards(adapter_sharded_state_dict(model, metadata=metadata)),
                    "save_adapter_checkpoint")
     flat = [s for rank in shards for s in rank]

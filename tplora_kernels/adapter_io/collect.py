@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..naming import LoRASite, layer_key
 
-__all__ = ["Scope", "agree", "full_factors", "iter_full_factors", "layer_order", "peers_of"]
+__all__ = ["Scope", "agree", "full_factors", "iter_full_factors", "layer_order", "peers_of", "touch_factors"]
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,20 @@ def full_factors(module: torch.nn.Module, adapter: str) -> tuple[torch.Tensor, t
     return full_a.clone(), full_b.clone()
 
 
+def touch_factors(sites: Sequence[LoRASite]) -> None:
+    """Call every factor holder of ``sites``, in order, as a forward would (no copy, no kernel).
+
+    Under Megatron DDP's ``overlap_param_gather`` a step's updated factors arrive in the holders'
+    forward pre-hooks, and the first hook of a bucket starts an all-gather over the data-parallel
+    group. Every rank calls every holder here, owner or not, so every data-parallel rank joins the
+    same gathers in the same order and the factors read afterwards are the updated ones.
+    """
+    for s in sites:
+        for holders in (s.module.lora_A, s.module.lora_B):
+            for name in s.module.adapter_names:
+                holders[name]()
+
+
 def _tp_ranks(site: LoRASite) -> list[int]:
     tp = site.module.spec.mode.group
     return dist.get_process_group_ranks(tp) if tp is not None else list(range(dist.get_world_size()))
@@ -182,6 +196,7 @@ def iter_full_factors(scope: Scope, sites: Sequence[LoRASite], holders: dict[str
     Yields:
         On receiving ranks, each layer's factors in canonical order.
     """
+    touch_factors(sites)
     mine: dict[str, LoRASite] = {s.name: s for s in sites}
     owner = {name: min(ranks) for name, ranks in holders.items()}
     dst_global = None if dst is None else scope.ranks[dst]
