@@ -24,6 +24,7 @@ from torch import nn
 
 from . import distributed as D
 from .config import check_dropout, check_init, check_rank, check_scale
+from .dora import BLOCK_ROWS, DoRANorm, NormCache, row_norms
 
 __all__ = ["AdapterMixin", "AdapterOptions", "LoRAFactor", "init_full_factors"]
 
@@ -39,6 +40,7 @@ class AdapterOptions:
     Attributes:
         r: rank. lora_alpha: alpha. lora_dropout: dropout probability. use_rslora: scale by
         alpha/sqrt(r) instead of alpha/r. scaling: the LoRA scale s (derived unless set).
+        use_dora: DoRA: a magnitude per output row (``tplora_kernels.dora``).
 
     Example:
         >>> AdapterOptions.build(r=8, lora_alpha=16).scaling
@@ -50,15 +52,16 @@ class AdapterOptions:
     lora_dropout: float
     use_rslora: bool
     scaling: float
+    use_dora: bool = False
 
     @classmethod
-    def build(cls, r: int, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
-              use_rslora: bool = False) -> AdapterOptions:
+    def build(cls, r: int, lora_alpha: float = 1.0, lora_dropout: float = 0.0, use_rslora: bool = False,
+              use_dora: bool = False) -> AdapterOptions:
         """Validated options; ``scaling`` from alpha and r."""
         r = check_rank("r", r)
         alpha = check_scale("lora_alpha", lora_alpha)
         return cls(r, alpha, check_dropout("lora_dropout", lora_dropout), bool(use_rslora),
-                   alpha / (math.sqrt(r) if use_rslora else r))
+                   alpha / (math.sqrt(r) if use_rslora else r), bool(use_dora))
 
 
 class LoRAFactor(nn.Module):
@@ -186,6 +189,10 @@ class AdapterMixin:
         super().__init__(*args, **kwargs)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        # DoRA's magnitudes, PEFT's name: lora_magnitude_vector.<adapter>.weight, [N_local] (split as B's rows).
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self._norms: NormCache | None = None  # made on first use: the host sets self.spec after this
+        self._dora_merged: dict[str, torch.Tensor] = {}  # the row scale each merged DoRA adapter applied
         self._options: dict[str, AdapterOptions] = {}
         self._active: list[str] = []
         self.merged_adapters: list[str] = []
@@ -197,6 +204,7 @@ class AdapterMixin:
     scaling = property(lambda self: _OptionView(self._options, "scaling"))
     lora_dropout = property(lambda self: _OptionView(self._options, "lora_dropout"))
     use_rslora = property(lambda self: _OptionView(self._options, "use_rslora"))
+    use_dora = property(lambda self: _OptionView(self._options, "use_dora"))
 
     @property
     def adapter_names(self) -> list[str]:
@@ -210,7 +218,7 @@ class AdapterMixin:
 
     # -- construction ------------------------------------------------------------------------
     def draw_adapter(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
-                     init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
+                     init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False) -> None:
         """Create (or replace) adapter ``adapter_name`` with newly drawn factors: the one path that communicates.
 
         Every rank draws the full factors (``init_full_factors``), then the TP group's rank 0's draw
@@ -218,16 +226,17 @@ class AdapterMixin:
         even if the ranks' generators were seeded apart; each rank keeps its slice. Every rank of
         the group must call it, layer by layer in the same order. ``add_adapter`` and
         ``update_layer`` (PEFT's name) are its faces; ``register_adapter`` takes given factors with
-        no communication.
+        no communication. A DoRA adapter's magnitude starts as ``‖W + s·B A‖`` (PEFT's), whose row
+        norms a row-parallel layer sums over its TP group (one all-reduce of N values).
 
         Args: as ``update_layer``.
 
         Example:
             >>> # layer.draw_adapter("fresh", 8, lora_alpha=16)
         """
-        options = AdapterOptions.build(r, lora_alpha, lora_dropout, use_rslora)
+        options = AdapterOptions.build(r, lora_alpha, lora_dropout, use_rslora, use_dora)
         init = check_init(init_lora_weights)
-        self._check_replaceable(adapter_name)
+        self._check_replaceable(adapter_name, options)
         full_a, full_b = init_full_factors(options.r, self.spec.in_features, self.spec.out_features, init)
         like = self._factor_like()
         if like.device.type != "meta":
@@ -236,17 +245,29 @@ class AdapterMixin:
             # rank's CPU generator was not seeded alike. Every rank builds its layers in order.
             full_a, full_b = full_a.to(like.device), full_b.to(like.device)
             D.broadcast_from_first_((full_a, full_b), self.spec.mode.group)
-        self._install(adapter_name, options, full_a, full_b)
+        self._install(adapter_name, options, full_a, full_b, None)
 
-    def _check_replaceable(self, adapter_name: str) -> None:
+    def _check_replaceable(self, adapter_name: str, options: AdapterOptions) -> None:
         if not isinstance(adapter_name, str) or not adapter_name:
             raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before replacing it")
+        if options.use_dora:
+            bad = [why for cond, why in (
+                (self.spec.mode.explicit_comm or self.spec.is_expert, "an MoE expert layer (its outputs stay partial "
+                                                                      "sums until the token dispatcher reduces them)"),
+                (self.spec.external_weight, "a layer whose weight is passed at call time (a tied output layer)"))
+                if cond]
+            if bad:
+                raise ValueError(f"use_dora=True is not supported on {bad[0]}: {self.spec.type_name}")
 
-    def _install(self, adapter_name: str, options: AdapterOptions, full_a: torch.Tensor,
-                 full_b: torch.Tensor) -> None:
-        """Keep this rank's slices of the full factors as adapter ``adapter_name`` (no communication)."""
+    def _install(self, adapter_name: str, options: AdapterOptions, full_a: torch.Tensor, full_b: torch.Tensor,
+                 full_m: torch.Tensor | None) -> None:
+        """Keep this rank's slices of the full factors (and DoRA magnitude) as adapter ``adapter_name``.
+
+        No communication, except a new DoRA magnitude (``full_m`` None) of a row-parallel layer,
+        whose norms are summed over the TP group.
+        """
         like = self._factor_like()
         a, b = self.spec.layout.shard_factors(full_a, full_b, self.spec.mode.rank, self.spec.mode.world)
         dtype = self.lora_dtype or like.dtype
@@ -261,10 +282,25 @@ class AdapterMixin:
         pb.requires_grad_(trainable)
         self.lora_A[adapter_name] = LoRAFactor(pa)
         self.lora_B[adapter_name] = LoRAFactor(pb)
+        self.lora_magnitude_vector.pop(adapter_name, None)
+        if options.use_dora:
+            if full_m is None:
+                local_m = row_norms(self.base_layer.weight, pa.detach(), pb.detach(), options.scaling, self.spec.mode)
+            else:
+                local_m = self.spec.layout.lora_b.shard(full_m.reshape(-1, 1), self.spec.mode.rank,
+                                                        self.spec.mode.world).reshape(-1)
+            pm = nn.Parameter(local_m.to(device=like.device, dtype=dtype, copy=True))
+            # The magnitude splits as B's rows: sharded with the weight's stride (column), or
+            # replicated, its gradient a per-rank partial under SP (row).
+            self.spec.layout.mark(pm, "lora_B", sequence_parallel=self.spec.mode.sequence_parallel)
+            pm.requires_grad_(trainable)
+            self.lora_magnitude_vector[adapter_name] = LoRAFactor(pm)
         self._options[adapter_name] = options
+        self.norm_cache().clear(adapter_name)
 
     def register_adapter(self, adapter_name: str, full_a: torch.Tensor, full_b: torch.Tensor, *,
-                         lora_alpha: float = 1.0, lora_dropout: float = 0.0, use_rslora: bool = False) -> None:
+                         lora_alpha: float = 1.0, lora_dropout: float = 0.0, use_rslora: bool = False,
+                         magnitude: torch.Tensor | None = None, use_dora: bool | None = None) -> None:
         """Create (or replace) adapter ``adapter_name`` from the **full** factors: local, no communication.
 
         Every rank of the layer's TP group passes the same full ``A [r, K]`` and ``B [N, r]`` and
@@ -278,6 +314,10 @@ class AdapterMixin:
             lora_alpha: alpha (s = alpha/r, or alpha/sqrt(r) with ``use_rslora``).
             lora_dropout: dropout probability in [0, 1).
             use_rslora: rank-stabilised scaling.
+            magnitude: DoRA's full ``[N]`` magnitude (PEFT's ``lora_magnitude_vector``); given, the
+                adapter is a DoRA adapter.
+            use_dora: a DoRA adapter without a given magnitude: it starts as ``‖W + s·B A‖`` (for a
+                row-parallel layer that sums N values over the TP group). Default: ``magnitude is not None``.
 
         Raises:
             ValueError: shapes that do not fit the layer, bad options, or a merged adapter.
@@ -286,14 +326,31 @@ class AdapterMixin:
             >>> # a, b = init_full_factors(8, layer.in_features, layer.out_features, False)
             >>> # layer.register_adapter("loaded", a, b, lora_alpha=16)
         """
-        self._check_replaceable(adapter_name)
         r = full_a.shape[0] if full_a.dim() == 2 else -1
         want_a, want_b = (r, self.spec.in_features), (self.spec.out_features, r)
         if tuple(full_a.shape) != want_a or tuple(full_b.shape) != want_b:
             raise ValueError(f"full_a/full_b must be [r, K]={list(want_a)} and [N, r]={list(want_b)} for this "
                              f"{self.spec.type_name}, got {list(full_a.shape)} and {list(full_b.shape)}")
-        options = AdapterOptions.build(r, lora_alpha, lora_dropout, use_rslora)
-        self._install(adapter_name, options, full_a.detach(), full_b.detach())
+        dora = magnitude is not None if use_dora is None else bool(use_dora)
+        if magnitude is not None and (not dora or tuple(magnitude.shape) != (self.spec.out_features,)):
+            raise ValueError(f"magnitude must be the full [N]={[self.spec.out_features]} DoRA magnitude of a "
+                             f"use_dora adapter, got {list(magnitude.shape)} with use_dora={use_dora}")
+        options = AdapterOptions.build(r, lora_alpha, lora_dropout, use_rslora, dora)
+        self._check_replaceable(adapter_name, options)
+        self._install(adapter_name, options, full_a.detach(), full_b.detach(),
+                      None if magnitude is None else magnitude.detach())
+
+    def norm_cache(self) -> NormCache:
+        """This layer's cache of DoRA norm parts (``dora.NormCache``)."""
+        if self._norms is None:
+            self._norms = NormCache(self.spec.mode)
+        return self._norms
+
+    def dora_inputs(self, name: str, weight: torch.Tensor, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor) -> tuple[torch.Tensor, DoRANorm]:
+        """Adapter ``name``'s magnitude (read through its holder) and this call's norm parts (cached)."""
+        magnitude = self.lora_magnitude_vector[name]()
+        return magnitude, self.norm_cache().parts(name, weight, lora_a, lora_b, self._options[name].scaling)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapter ``name``'s local A and B for compute, each read by calling its holder.
@@ -325,7 +382,7 @@ class AdapterMixin:
         return next(iter(self.base_layer.parameters()), torch.empty(0))
 
     def update_layer(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
-                     init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
+                     init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False) -> None:
         """Create (or replace) adapter ``adapter_name``; the active adapter does not change.
 
         The full factors are drawn from torch's default CPU generator and sliced, so the result
@@ -338,15 +395,16 @@ class AdapterMixin:
             lora_dropout: dropout probability in [0, 1).
             init_lora_weights: True, False or ``"gaussian"`` (see ``init_full_factors``).
             use_rslora: scale by alpha/sqrt(r) instead of alpha/r.
+            use_dora: DoRA (``tplora_kernels.dora``): the magnitude starts at ``‖W + s·B A‖``.
 
         Example:
             >>> # layer.update_layer("default", 16, lora_alpha=32)   # re-initialise "default" at r=16
         """
         self.draw_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                             init_lora_weights=init_lora_weights, use_rslora=use_rslora)
+                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, use_dora=use_dora)
 
     def add_adapter(self, adapter_name: str, r: int, *, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
-                    init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
+                    init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False) -> None:
         """Add a new named adapter beside the existing ones (it stays inactive and frozen).
 
         Args: as ``update_layer``.
@@ -361,7 +419,7 @@ class AdapterMixin:
             raise ValueError(f"adapter_name {adapter_name!r} already exists on this layer "
                              f"({sorted(self.lora_A)}); use update_layer() to replace it")
         self.draw_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                             init_lora_weights=init_lora_weights, use_rslora=use_rslora)
+                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, use_dora=use_dora)
 
     def load_full_factors(self, adapter_name: str, full_a: torch.Tensor, full_b: torch.Tensor) -> None:
         """Copy this rank's slices of the **full** A ``[r, K]`` and B ``[N, r]`` into ``adapter_name``.
@@ -431,8 +489,9 @@ class AdapterMixin:
         self._active = names
         for n in self.lora_A:
             flag = n in names and not inference_mode
-            self.lora_A[n].weight.requires_grad_(flag)
-            self.lora_B[n].weight.requires_grad_(flag)
+            for holders in self._holder_dicts():
+                if n in holders:
+                    holders[n].weight.requires_grad_(flag)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` (unmerging first if merged).
@@ -449,9 +508,10 @@ class AdapterMixin:
         self._check_adapter(adapter_name)
         if adapter_name in self.merged_adapters:
             self.unmerge()
-        del self.lora_A[adapter_name]
-        del self.lora_B[adapter_name]
+        for holders in self._holder_dicts():
+            holders.pop(adapter_name, None)
         del self._options[adapter_name]
+        self.norm_cache().clear(adapter_name)
         if adapter_name in self._active:
             self._active = [n for n in self._active if n != adapter_name]
             if not self._active and self._options:
@@ -476,10 +536,14 @@ class AdapterMixin:
             if self._active:
                 self.set_adapter(self._active)
         else:
-            for d in (self.lora_A, self.lora_B):
+            for d in self._holder_dicts():
                 for f in d.values():
                     f.weight.requires_grad_(False)
             self._disable_adapters = True
+
+    def _holder_dicts(self) -> tuple[nn.ModuleDict, ...]:
+        """Every per-adapter parameter holder dict: the factors, and DoRA's magnitudes."""
+        return self.lora_A, self.lora_B, self.lora_magnitude_vector
 
     # -- merge -------------------------------------------------------------------------------
     @property
@@ -512,6 +576,9 @@ class AdapterMixin:
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active (or named) adapters' deltas into the base weight shard. TP-local.
 
+        A DoRA adapter's merge is PEFT's: ``W ← m/‖W + s·B A‖ ⊙ (W + s·B A)`` row by row (a
+        row-parallel layer sums the norms over its TP group, so every rank of it must call this).
+
         Args:
             safe_merge: check the merged weight for inf/NaN before writing it (raises ValueError).
             adapter_names: adapters to merge (default: the active one).
@@ -526,6 +593,10 @@ class AdapterMixin:
         for name in names:
             if name in self.merged_adapters:
                 warnings.warn(f"adapter {name!r} is already merged; merging it again is skipped", stacklevel=2)
+                continue
+            if self._options[name].use_dora:
+                self._merge_dora(name, weight, safe_merge)
+                self.merged_adapters.append(name)
                 continue
             delta = self.get_delta_weight(name)
             with torch.no_grad():
@@ -553,7 +624,39 @@ class AdapterMixin:
         weight = self._mergeable_weight()
         with torch.no_grad():
             while self.merged_adapters:
-                weight.sub_(self.get_delta_weight(self.merged_adapters.pop()))
+                name = self.merged_adapters.pop()
+                if name in self._dora_merged:
+                    self._unmerge_dora(name, weight)
+                else:
+                    weight.sub_(self.get_delta_weight(name))
+
+    def _merge_dora(self, name: str, weight: torch.Tensor, safe_merge: bool) -> None:
+        """``W ← g ⊙ (W + s·B A)``, g = m/‖W + s·B A‖, in row blocks of fp32 (g is kept for unmerge)."""
+        a, b = (f.detach() for f in self.factors(name))
+        scale = self._options[name].scaling
+        g = self.lora_magnitude_vector[name]().detach().float() / row_norms(weight, a, b, scale, self.spec.mode)
+        with torch.no_grad():
+            def block(i: int) -> torch.Tensor:
+                w = weight[i:i + BLOCK_ROWS].float() + scale * (b[i:i + BLOCK_ROWS].float() @ a.float())
+                return w * g[i:i + BLOCK_ROWS, None]
+
+            starts = range(0, weight.shape[0], BLOCK_ROWS)
+            if safe_merge and not all(torch.isfinite(block(i)).all() for i in starts):
+                raise ValueError(f"safe_merge: merging DoRA adapter {name!r} gives a non-finite weight on TP rank "
+                                 f"{self.spec.mode.rank}; the adapter is broken")
+            for i in starts:
+                weight[i:i + BLOCK_ROWS] = block(i).to(weight.dtype)
+        self._dora_merged[name] = g
+
+    def _unmerge_dora(self, name: str, weight: torch.Tensor) -> None:
+        """``W ← W/g − s·B A`` with the g its merge applied (PEFT's unmerge)."""
+        g = self._dora_merged.pop(name)
+        a, b = (f.detach() for f in self.factors(name))
+        scale = self._options[name].scaling
+        for i in range(0, weight.shape[0], BLOCK_ROWS):
+            rows = weight[i:i + BLOCK_ROWS].float() / g[i:i + BLOCK_ROWS, None]
+            rows -= scale * (b[i:i + BLOCK_ROWS].float() @ a.float())
+            weight[i:i + BLOCK_ROWS] = rows.to(weight.dtype)
 
 
 # PEFT iterates these names when it cleans up an adapter; keep them the fields' names.

@@ -69,6 +69,7 @@ from .mode import TPMode
 from .multi import AdapterMix
 from .ops import launch as L
 from .ops.registry import Backend
+from .ops.torch_backend import row_chunks
 
 __all__ = ["ColumnParallelLoRAFn", "Plan", "RowParallelLoRAFn", "lora_act_dtype"]
 
@@ -166,11 +167,40 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+# -- DoRA (see tplora_kernels.dora): y = g ⊙ (x Wᵀ + s·u Bᵀ) + b, g = m / ‖W + s·B A‖ ------------
+def _dora_scale(magnitude: torch.Tensor, norm_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1/‖·‖, g = m/‖·‖)`` in fp32, the norm a constant (detached). A zero row norm gives inf, as in PEFT."""
+    inv = norm_sq.detach().float().clamp_min(0).rsqrt()
+    return inv, magnitude.detach().float() * inv
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b`` on a 2-D or row-chunked ``out`` (DoRA's unmasked ``dy W`` under dropout)."""
+    rpc = out.shape[1] if out.dim() == 3 else max(out.shape[0], 1)
+    for oc, ac in zip(row_chunks(out, rpc), row_chunks(a, rpc)):
+        oc.add_(ac @ b)
+
+
+def _dora_dx(dy, weight, du, lora_a, drop, out, g, be) -> torch.Tensor:
+    """dx of a DoRA layer into ``out``: ``(g⊙dy) W + (du A) ⊙ M'``; with dropout ``dy W + M' ⊙ [((g−1)⊙dy) W + du A]``.
+
+    ``M' = M / (1-p)``; without DoRA (``g`` None) the LoRA dx.
+    """
+    if g is None:
+        return L.lora_linear_dx(dy, weight, du, lora_a, drop=drop, out=out, backend=be)
+    if not drop.active:
+        return L.lora_linear_dx(dy, weight, du, lora_a, drop=drop, out=out, col_scale=g, backend=be)
+    # PEFT's DoRA with dropout: the base GEMM sees x, the scaled part x ⊙ M'. Two GEMMs over N.
+    out = L.lora_linear_dx(dy, weight, du, lora_a, drop=drop, out=out, col_scale=g - 1, mask_all=True, backend=be)
+    _add_product(out, dy, weight)
+    return out
+
+
 class ColumnParallelLoRAFn(torch.autograd.Function):
     """Column-parallel base: W_i [N/t, K], A [r, K] replicated, B_i [N/t, r]. x: [T or T/t, K]."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, seed, plan: Plan):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, seed, magnitude, norm, plan: Plan):
         be, drop = plan.backend, plan.dropout(seed)
         u_dtype = lora_act_dtype(x.dtype, lora_a.dtype)
         with _no_autocast(x.device):
@@ -189,17 +219,35 @@ class ColumnParallelLoRAFn(torch.autograd.Function):
                 u = u_saved = L.lora_shrink_fwd(X, lora_a, drop=drop, out=u, backend=be)
                 plan.gate(u, 0)
             y = torch.empty(X.shape[0], weight.shape[0], dtype=plan.mode.output_dtype or x.dtype, device=x.device)
-            L.lora_linear_fwd(X, weight, u, lora_b, scale=plan.scale, bias=bias, out=y, backend=be)
+            dora: tuple = ()
+            if magnitude is None:
+                L.lora_linear_fwd(X, weight, u, lora_b, scale=plan.scale, bias=bias, out=y, backend=be)
+            else:
+                # DoRA: the column norm is local (whole rows); g scales the GEMM's output columns in
+                # its epilogue, and the pre-scale output y0 is saved for dm.
+                inv, g = _dora_scale(magnitude, norm.weight_sq + norm.lora_sq)
+                y0 = torch.empty_like(y)
+                if not drop.active:
+                    L.lora_linear_fwd(X, weight, u, lora_b, scale=plan.scale, bias=bias, out=y, col_scale=g,
+                                      out0=y0, backend=be)
+                else:  # PEFT's form: [x Wᵀ + s·u Bᵀ] + (g-1) ⊙ [drop(x) Wᵀ + s·u Bᵀ] + b, y0 the dropped one
+                    L.lora_linear_fwd(X, weight, u, lora_b, scale=plan.scale, bias=bias, out=y, backend=be)
+                    y.add_(L.lora_linear_fwd(X, weight, u, lora_b, scale=plan.scale, col_scale=g - 1, out0=y0,
+                                             drop=drop, backend=be))
+                dora = (magnitude, y0, g, inv)
             if plan.mode.gather_output:
                 y = D.all_gather_cols(y, plan.mode.group)
         ctx.plan = plan
-        ctx.save_for_backward(x, weight, lora_a, lora_b, u_saved, seed)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, u_saved, seed, *dora)
         return y
 
     @staticmethod
     @_first_order
     def backward(ctx, dy):
-        plan, be, (x, weight, lora_a, lora_b, u, seed), (need_dx, need_da, need_db) = _unpack(ctx)
+        plan, be, saved, (need_dx, need_da, need_db) = _unpack(ctx)
+        x, weight, lora_a, lora_b, u, seed = saved[:6]
+        magnitude, y0, g, inv = saved[6:] if len(saved) > 6 else (None, None, None, None)
+        need_dm = magnitude is not None and ctx.needs_input_grad[6]
         drop = plan.dropout(seed)
         if plan.mode.gather_output:
             n = weight.shape[0]
@@ -207,6 +255,8 @@ class ColumnParallelLoRAFn(torch.autograd.Function):
         dy = dy.to(x.dtype)
         T, K, R = dy.shape[0], weight.shape[1], lora_a.shape[0]
         dx = da = db = None
+        dm = torch.empty(weight.shape[0], dtype=torch.float32, device=dy.device) if need_dm else None
+        dora = dict(col_scale=g, y0=y0 if need_dm else None, dm_out=dm) if magnitude is not None else {}
         with _no_autocast(dy.device), be.backward_scope():
             if need_dx or need_da:
                 chunks = plan.mode.world if plan.mode.sequence_parallel else 1
@@ -214,12 +264,12 @@ class ColumnParallelLoRAFn(torch.autograd.Function):
                 buf = D.RowChunkedBuffer(T, widths, chunks, dy.dtype, dy.device)
                 du_view = buf.views[-1] if need_da else None
                 du, db = L.lora_dy_bwd(dy, lora_b, u if need_db else None, scale=plan.scale, du_out=du_view,
-                                       backend=be)
+                                       backend=be, **dora)
                 plan.gate(du, 0)
                 if need_dx:
                     # dX_i and du_i are partial sums over ranks, and dX_i is linear in du_i, so the
                     # base's one dgrad collective (r columns wider) finishes both.
-                    L.lora_linear_dx(dy, weight, du, lora_a, drop=drop, out=buf.views[0], backend=be)
+                    _dora_dx(dy, weight, du, lora_a, drop, buf.views[0], g, be)
                 if plan.mode.sequence_parallel:
                     parts = buf.split(D.reduce_scatter_rows(buf.flat, plan.mode.group))
                 else:
@@ -234,16 +284,20 @@ class ColumnParallelLoRAFn(torch.autograd.Function):
                 if need_da:
                     row0 = plan.mode.rank * x.shape[0] if plan.mode.sequence_parallel else 0
                     da = L.lora_shrink_bwd(parts[-1], x, drop=drop.shifted(rows=row0), rank=R, backend=be)
-            elif need_db:
-                _, db = L.lora_dy_bwd(dy, lora_b, u, scale=plan.scale, compute_du=False, backend=be)
-        return dx, None, None, _deliver(lora_a, da), _deliver(lora_b, db), None, None
+            elif need_db or need_dm:
+                _, db = L.lora_dy_bwd(dy, lora_b, u if need_db else None, scale=plan.scale, compute_du=False,
+                                      backend=be, **dora)
+        if dm is not None:
+            dm.mul_(inv)  # y = m/‖·‖ ⊙ y0 with the norm a constant: dm = Σ_t dy ⊙ y0 / ‖·‖
+        return (dx, None, None, _deliver(lora_a, da), _deliver(lora_b, db), None,
+                _deliver(magnitude, dm) if magnitude is not None else None, None, None)
 
 
 class RowParallelLoRAFn(torch.autograd.Function):
     """Row-parallel base: W_i [N, K/t], A_i [r, K/t], B [N, r] replicated. x: [T, K/t] or [T, K]."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, seed, plan: Plan):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, seed, magnitude, norm, plan: Plan):
         be = plan.backend
         k = weight.shape[1]
         # A slice of the full x is copied, as the base layer's own scatter does: saving the view
@@ -251,51 +305,85 @@ class RowParallelLoRAFn(torch.autograd.Function):
         x_i = x if plan.mode.input_is_parallel else x[:, plan.mode.rank * k:(plan.mode.rank + 1) * k].contiguous()
         T, N, R = x_i.shape[0], weight.shape[0], lora_a.shape[0]
         # u_i is a partial sum over ranks (the mask at the global column offset); z_i = x_i W_iᵀ +
-        # s·u_i Bᵀ is too. One collective over [z | u] yields y and u.
+        # s·u_i Bᵀ is too. One collective over [z | u] yields y and u. DoRA adds, in the same
+        # collective, the partial LoRA part of the row norms (N values per block: the weight part
+        # is already summed, see tplora_kernels.dora) and, with dropout, the dropped product.
         drop = plan.dropout(seed).shifted(cols=plan.mode.rank * k)
+        dora_drop = magnitude is not None and drop.active
         chunks = plan.mode.world if plan.mode.sequence_parallel else 1
-        buf = D.RowChunkedBuffer(T, (N, R), chunks, plan.mode.output_dtype or x.dtype, x.device)
+        widths = (N, N, R) if dora_drop else (N, R)
+        buf = D.RowChunkedBuffer(T, widths, chunks, plan.mode.output_dtype or x.dtype, x.device,
+                                 extra=N if magnitude is not None else 0)
         with _no_autocast(x.device):
             if buf.flat.dtype in (lora_act_dtype(x.dtype, lora_a.dtype), torch.float32):
-                u_i = L.lora_shrink_fwd(x_i, lora_a, drop=drop, out=buf.views[1], backend=be)
+                u_i = L.lora_shrink_fwd(x_i, lora_a, drop=drop, out=buf.views[-1], backend=be)
                 plan.gate(u_i, 0)
             else:  # kept wider than the buffer: compute z from it, and carry a copy for the reduction
                 u_i = L.lora_shrink_fwd(x_i, lora_a, drop=drop,
                                         out=torch.empty(T, R, dtype=torch.float32, device=x.device), backend=be)
                 plan.gate(u_i, 0)
-                buf.views[1].copy_(u_i.view(buf.views[1].shape))
+                buf.views[-1].copy_(u_i.view(buf.views[-1].shape))
             L.lora_linear_fwd(x_i, weight, u_i, lora_b, scale=plan.scale, out=buf.views[0], backend=be)
+            if dora_drop:
+                L.lora_linear_fwd(x_i, weight, u_i, lora_b, scale=plan.scale, out=buf.views[1], drop=drop, backend=be)
+            if magnitude is not None:
+                buf.extras.copy_(norm.lora_sq.to(buf.flat.dtype).expand_as(buf.extras))
             if plan.mode.sequence_parallel:
-                y, u = buf.split(D.reduce_scatter_rows(buf.flat, plan.mode.group))
+                parts = buf.split(D.reduce_scatter_rows(buf.flat, plan.mode.group))
             else:
                 # An expert's z stays partial (the dispatcher reduces it): reduce u alone.
-                D.all_reduce_(buf.views[1] if plan.mode.explicit_comm else buf.flat, plan.mode.group)
-                y, u = buf.split(buf.flat)
-            if bias is not None:
-                y.add_(bias)
+                D.all_reduce_(buf.views[-1] if plan.mode.explicit_comm else buf.flat, plan.mode.group)
+                parts = buf.split(buf.flat)
+            y, u = parts[0], parts[len(widths) - 1]
+            dora: tuple = ()
+            if magnitude is None:
+                if bias is not None:
+                    y.add_(bias)
+                y = _fresh(y)
+            else:
+                inv, g = _dora_scale(magnitude, norm.weight_sq + parts[-1].float())
+                if dora_drop:  # PEFT's form: z + (g - 1) ⊙ z_dropped + b, and dm reads the dropped one
+                    y0 = parts[1].clone()  # compact: the buffer also holds z
+                    out = torch.addcmul(y.float(), y0.float(), g - 1)
+                else:  # g ⊙ z + b; z is the buffer's first operand, saved as y0 without a copy
+                    y0 = y
+                    out = y.float() * g
+                if bias is not None:
+                    out.add_(bias)
+                y = out.to(buf.flat.dtype)
+                dora = (magnitude, y0, g, inv)
         ctx.plan = plan
         # u is cloned so that saving it does not pin the whole [z | u] buffer (the output).
-        ctx.save_for_backward(x_i, weight, lora_a, lora_b, u.clone(), seed)
-        return _fresh(y)
+        ctx.save_for_backward(x_i, weight, lora_a, lora_b, u.clone(), seed, *dora)
+        return y
 
     @staticmethod
     @_first_order
     def backward(ctx, dy):
-        plan, be, (x_i, weight, lora_a, lora_b, u, seed), (need_dx, need_da, need_db) = _unpack(ctx)
+        plan, be, saved, (need_dx, need_da, need_db) = _unpack(ctx)
+        x_i, weight, lora_a, lora_b, u, seed = saved[:6]
+        magnitude, y0, g, inv = saved[6:] if len(saved) > 6 else (None, None, None, None)
+        need_dm = magnitude is not None and ctx.needs_input_grad[6]
         dy = dy.to(x_i.dtype)
         dY = D.all_gather_rows(dy, plan.mode.group) if plan.mode.sequence_parallel else dy
         drop = plan.dropout(seed).shifted(cols=plan.mode.rank * weight.shape[1])
         u_row0 = plan.mode.rank * dy.shape[0] if plan.mode.sequence_parallel else 0
         dx = da = None
+        # dm: this rank's rows under SP (its partial sum; the magnitude is marked sequence_parallel).
+        dm = torch.empty(weight.shape[0], dtype=torch.float32, device=dy.device) if need_dm else None
+        dora = dict(col_scale=g, y0=y0 if need_dm else None, dm_out=dm) if magnitude is not None else {}
         with _no_autocast(dy.device), be.backward_scope():
             du, db = L.lora_dy_bwd(dY, lora_b, u if need_db else None, scale=plan.scale, u_row0=u_row0,
-                                   compute_du=need_dx or need_da, backend=be)
+                                   compute_du=need_dx or need_da, backend=be, **dora)
             if du is not None:
                 plan.gate(du, 0)
             if need_dx:
-                dx = L.lora_linear_dx(dY, weight, du, lora_a, drop=drop, backend=be)
+                dx = _dora_dx(dY, weight, du, lora_a, drop, None, g, be)
                 if not plan.mode.input_is_parallel:
                     dx = D.all_gather_cols(dx, plan.mode.group)
             if need_da:
                 da = L.lora_shrink_bwd(du, x_i, drop=drop, rank=lora_a.shape[0], backend=be)
-        return dx, None, None, _deliver(lora_a, da), _deliver(lora_b, db), None, None
+        if dm is not None:
+            dm.mul_(inv)
+        return (dx, None, None, _deliver(lora_a, da), _deliver(lora_b, db), None,
+                _deliver(magnitude, dm) if magnitude is not None else None, None, None)

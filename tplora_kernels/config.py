@@ -35,7 +35,6 @@ INITS = (True, False, "gaussian")
 # LoraConfig fields that change what a LoRA layer computes, which the fused kernels do not do.
 # A truthy value means "requested". (name, what it is)
 UNSUPPORTED_FIELDS = (
-    ("use_dora", "DoRA"),
     ("lora_bias", "a trainable LoRA bias"),
     ("fan_in_fan_out", "transposed (Conv1D) weights"),
     ("use_qalora", "QALoRA"),
@@ -136,6 +135,8 @@ class LoRAConfig:
         lora_dropout: dropout on the LoRA input in training mode.
         use_rslora: rank-stabilised scaling.
         init_lora_weights: True (B = 0, A kaiming-uniform), False (both random) or ``"gaussian"``.
+        use_dora: DoRA (weight-decomposed LoRA, ``tplora_kernels.dora``): a learned magnitude per
+            output row scales the adapted weight's row norms.
         rank_pattern: ``{regex: r}`` overriding ``r`` for modules whose dotted name ends with a match.
         alpha_pattern: ``{regex: alpha}``, likewise.
         target_modules: for ``apply_lora``: module-name suffixes (list), a full-match regex (str),
@@ -154,6 +155,7 @@ class LoRAConfig:
     lora_dropout: float = 0.0
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_modules: list[str] | str | None = None
@@ -212,7 +214,7 @@ def check_config(config: Any) -> None:
         bad.append(f"bias={bias!r} (the base layer stays frozen; use bias='none')")
     if bad:
         raise ValueError("tplora_kernels does not support these LoRA options: " + "; ".join(bad)
-                         + ". Supported: r, lora_alpha, lora_dropout, use_rslora, init_lora_weights "
+                         + ". Supported: r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights "
                          "(True/False/'gaussian'), rank_pattern, alpha_pattern.")
 
 
@@ -229,7 +231,7 @@ def layer_options(config: Any, *, target_name: str | None = None, r: int | None 
         r, lora_alpha: overrides.
 
     Returns:
-        ``dict(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)``.
+        ``dict(r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights)``.
 
     Raises:
         ValueError / TypeError: an option is out of range (named, with the module name).
@@ -248,6 +250,7 @@ def layer_options(config: Any, *, target_name: str | None = None, r: int | None 
         return dict(r=check_rank("r", r), lora_alpha=check_scale("lora_alpha", lora_alpha),
                     lora_dropout=check_dropout("lora_dropout", getattr(config, "lora_dropout", 0.0)),
                     use_rslora=bool(getattr(config, "use_rslora", False)),
+                    use_dora=bool(getattr(config, "use_dora", False)),
                     init_lora_weights=check_init(getattr(config, "init_lora_weights", True)))
     except (TypeError, ValueError) as e:
         raise type(e)(f"{e}{where}") from None

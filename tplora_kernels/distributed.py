@@ -109,45 +109,54 @@ class RowChunkedBuffer:
     """One flat buffer that holds several ``[T, w]`` operands, laid out for one collective.
 
     The buffer is ``chunks`` blocks of ``T/chunks`` rows; each block stores, contiguously, its
-    rows of every operand in turn. So an all-reduce (``chunks=1``) or a reduce-scatter
-    (``chunks=t``) of the whole buffer reduces every operand at once, and each rank's result
-    block splits into contiguous ``[rows, w]`` tensors with no copy. The kernels write into the
-    3-D ``views`` through their row-chunked addressing.
+    rows of every operand in turn, then ``extra`` values. So an all-reduce (``chunks=1``) or a
+    reduce-scatter (``chunks=t``) of the whole buffer reduces every operand at once, and each rank's
+    result block splits into contiguous ``[rows, w]`` tensors with no copy. The kernels write into
+    the 3-D ``views`` through their row-chunked addressing. ``extras`` (``[chunks, extra]``) carries
+    a vector that every rank needs summed whole (DoRA's partial row norms): written into every
+    block, it arrives summed in each rank's block after either collective.
 
     Args:
         rows: T, the total rows (divisible by ``chunks``).
         widths: the operands' widths, e.g. ``(N, r)`` for ``[z | u]``.
         chunks: 1 for all-reduce, t for reduce-scatter.
         dtype, device: of the buffer.
+        extra: values per block after the operands' rows (0: none).
 
     Example:
-        >>> b = RowChunkedBuffer(4, (3, 2), chunks=2, dtype=torch.float32, device="cpu")
-        >>> [tuple(v.shape) for v in b.views]
-        [(2, 2, 3), (2, 2, 2)]
+        >>> b = RowChunkedBuffer(4, (3, 2), chunks=2, dtype=torch.float32, device="cpu", extra=5)
+        >>> [tuple(v.shape) for v in b.views], tuple(b.extras.shape)
+        ([(2, 2, 3), (2, 2, 2)], (2, 5))
     """
 
     def __init__(self, rows: int, widths: Sequence[int], chunks: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, extra: int = 0) -> None:
         if rows % chunks:
             raise ValueError(f"rows ({rows}) must be divisible by chunks ({chunks})")
         self.widths = tuple(widths)
+        self.extra = int(extra)
         self.chunk_rows = rows // chunks
-        self.flat = torch.empty(rows * sum(self.widths), dtype=dtype, device=device)
-        per_chunk = self.flat.view(chunks, -1) if rows else self.flat.view(chunks, 0)
+        per = self.chunk_rows * sum(self.widths) + self.extra
+        self.flat = torch.empty(chunks * per, dtype=dtype, device=device)
+        per_chunk = self.flat.view(chunks, per)
         self.views = []
         offset = 0
         for w in self.widths:
             piece = per_chunk[:, offset * self.chunk_rows:(offset + w) * self.chunk_rows]
             self.views.append(piece.view(chunks, self.chunk_rows, w))
             offset += w
+        self.extras = per_chunk[:, offset * self.chunk_rows:]
 
     def split(self, block: torch.Tensor) -> list[torch.Tensor]:
-        """Contiguous ``[rows, w]`` operands of a reduced block (the flat buffer or one chunk)."""
-        rows = block.numel() // sum(self.widths) if self.widths else 0
+        """Contiguous ``[rows, w]`` operands of a reduced block (the flat buffer or one chunk), then the
+        block's ``extra`` values (``[extra]``) when there are any."""
+        rows = (block.numel() - self.extra) // sum(self.widths) if self.widths else 0
         out, offset = [], 0
         for w in self.widths:
             out.append(block[offset * rows:(offset + w) * rows].view(rows, w))
             offset += w
+        if self.extra:
+            out.append(block[offset * rows:offset * rows + self.extra])
         return out
 
 

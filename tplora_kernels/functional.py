@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from .autograd import ColumnParallelLoRAFn, Plan, RowParallelLoRAFn
 from .config import check_dropout, check_scale
+from .dora import DoRANorm
 from .mappings import base_parallel_linear
 from .mask import dropout_threshold
 from .mode import TPMode
@@ -129,10 +130,33 @@ class LoRAOutput(NamedTuple):
     backend: str
 
 
+def _check_dora(magnitude, norm, weight: torch.Tensor, mode: TPMode, mix) -> None:
+    """DoRA's inputs: both or neither; ``[N_local]`` magnitude and fp32 norm parts; not with a mix or an expert."""
+    if magnitude is None and norm is None:
+        return
+    if magnitude is None or norm is None:
+        raise TypeError("DoRA needs both magnitude= and norm= (tplora_kernels.dora.norm_parts), or neither")
+    if not isinstance(norm, DoRANorm):
+        raise TypeError(f"norm must be a tplora_kernels.dora.DoRANorm, got {type(norm).__name__}")
+    _check_tensor("magnitude", magnitude, dims=1)
+    n = weight.shape[0]
+    for name, t in (("magnitude", magnitude), ("norm.weight_sq", norm.weight_sq), ("norm.lora_sq", norm.lora_sq)):
+        if t.shape != (n,) or t.device != weight.device or not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a float [{n}] tensor on {weight.device} (one value per output row of "
+                             f"this rank's weight), got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if mix is not None:
+        raise ValueError("DoRA cannot run several adapters in one batch (mix=): each adapter's norm scales the "
+                         "whole output row")
+    if mode.explicit_comm:
+        raise ValueError("DoRA is not supported on MoE expert layers (explicit_comm): their outputs stay partial "
+                         "sums, which the row norm's scale cannot be applied to")
+
+
 def parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, mode: TPMode,
                   *, bias: torch.Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
                   seed: SeedLike = None, backend: str | Backend | None = None,
-                  mix: AdapterMix | None = None) -> LoRAOutput:
+                  mix: AdapterMix | None = None, magnitude: torch.Tensor | None = None,
+                  norm: DoRANorm | None = None) -> LoRAOutput:
     """LoRA on a parallel linear of either kind: the one entry the modules and both wrappers use.
 
     ``column_parallel_lora``/``row_parallel_lora`` document each kind's math and shapes; this takes
@@ -142,6 +166,10 @@ def parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
         x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, backend, mix: as
             ``column_parallel_lora`` (column) or ``row_parallel_lora`` (row).
         mode: the layer's ``TPMode``.
+        magnitude: DoRA's ``[N_local]`` magnitude m (sharded like B's rows for a column layer,
+            replicated for a row layer); with ``norm``, the call computes DoRA's
+            ``m/‖W + s·B A‖ ⊙ (x Wᵀ + s·u Bᵀ) + b`` (PEFT's form with dropout; ``tplora_kernels.dora``).
+        norm: the ``DoRANorm`` of this call's weights (``dora.norm_parts``), detached.
 
     Returns:
         ``LoRAOutput(output, backend name)``.
@@ -154,6 +182,7 @@ def parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
     """
     scale, thr = _validate(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
     K = _check_mode(mode, x, weight, bias)
+    _check_dora(magnitude, norm, weight, mode, mix)
     k = weight.shape[1]
     want_a, want_b = (k, weight.shape[0])
     if lora_a.shape[1] != want_a or lora_b.shape[0] != want_b:
@@ -172,7 +201,7 @@ def parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
     if mode.sequence_parallel:
         lead[0] = lead[0] * mode.world if mode.kind == "column" else lead[0] // mode.world
     fn = ColumnParallelLoRAFn if mode.kind == "column" else RowParallelLoRAFn
-    y = fn.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, seed_t, plan)
+    y = fn.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, seed_t, magnitude, norm, plan)
     return LoRAOutput(y.view(*lead, y.shape[-1]), be.name)
 
 
@@ -181,7 +210,8 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
                          seed: SeedLike = None, sequence_parallel: bool = False, gather_output: bool = False,
                          group: dist.ProcessGroup | None = None, backend: str | Backend | None = None,
                          output_dtype: torch.dtype | None = None, explicit_comm: bool = False,
-                         mix: AdapterMix | None = None) -> torch.Tensor:
+                         mix: AdapterMix | None = None, magnitude: torch.Tensor | None = None,
+                         norm: DoRANorm | None = None) -> torch.Tensor:
     """LoRA on a column-parallel linear: ``y_i = X W_iᵀ + s·(drop(X) Aᵀ) B_iᵀ (+ bias_i)``.
 
     Adds no collective to the base layer's: SP gathers x's rows in forward (the base needs it)
@@ -209,6 +239,7 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
         mix: several adapters in one batch (``multi.AdapterMix``, one adapter per sample of the
             batch dim of ``[s, b, K]``): ``lora_a`` ``[Σr, K]`` and ``lora_b`` ``[N/t, Σr]`` are the
             adapters' factors stacked in the mix's order; scale and dropout come from the mix.
+        magnitude, norm: DoRA (``parallel_lora``): the ``[N/t]`` magnitude shard and the norm parts.
 
     Returns:
         ``[S, ..., N/t]`` (``[S, ..., N]`` with gather_output), S = x.shape[0] · t under SP.
@@ -222,7 +253,7 @@ def column_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Te
     mode = TPMode.build("column", group=group, sequence_parallel=sequence_parallel, gather_output=gather_output,
                         explicit_comm=explicit_comm, output_dtype=output_dtype)
     return parallel_lora(x, weight, lora_a, lora_b, mode, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
-                         backend=backend, mix=mix).output
+                         backend=backend, mix=mix, magnitude=magnitude, norm=norm).output
 
 
 def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
@@ -230,7 +261,8 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
                       seed: SeedLike = None, sequence_parallel: bool = False, input_is_parallel: bool = True,
                       group: dist.ProcessGroup | None = None, backend: str | Backend | None = None,
                       output_dtype: torch.dtype | None = None, explicit_comm: bool = False,
-                      mix: AdapterMix | None = None) -> torch.Tensor:
+                      mix: AdapterMix | None = None, magnitude: torch.Tensor | None = None,
+                      norm: DoRANorm | None = None) -> torch.Tensor:
     """LoRA on a row-parallel linear: ``y = Σ_i [x_i W_iᵀ + s·(drop(x_i) A_iᵀ) Bᵀ] (+ bias)``.
 
     Adds no collective: one all-reduce (SP off) or reduce-scatter (SP on) of ``[z_i | u_i]``
@@ -255,6 +287,8 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
             all-reduce over ``group``.
         mix: several adapters in one batch, as ``column_parallel_lora`` (``lora_a`` ``[Σr, K/t]``,
             ``lora_b`` ``[N, Σr]``).
+        magnitude, norm: DoRA (``parallel_lora``): the replicated ``[N]`` magnitude and this rank's
+            norm parts (``weight_sq`` summed, ``lora_sq`` partial).
 
     Returns:
         ``[S, ..., N]``; under SP ``[S/t, ..., N]``.
@@ -268,7 +302,7 @@ def row_parallel_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
     mode = TPMode.build("row", group=group, sequence_parallel=sequence_parallel, input_is_parallel=input_is_parallel,
                         explicit_comm=explicit_comm, output_dtype=output_dtype)
     return parallel_lora(x, weight, lora_a, lora_b, mode, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
-                         backend=backend, mix=mix).output
+                         backend=backend, mix=mix, magnitude=magnitude, norm=norm).output
 
 
 def parallel_linear(x: torch.Tensor, weight: torch.Tensor, mode: TPMode | None = None, *, kind: str | None = None,

@@ -56,7 +56,8 @@ class LoRALayer(AdapterMixin, nn.Module):
 
     def __init__(self, base_layer: nn.Module, *, r: int, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool | str = True, adapter_name: str = "default",
-                 lora_dtype: torch.dtype | None = None, backend: str | None = None, seed: SeedLike = None) -> None:
+                 lora_dtype: torch.dtype | None = None, backend: str | None = None, seed: SeedLike = None,
+                 use_dora: bool = False) -> None:
         super().__init__()
         self.spec = describe(base_layer, self.kind)
         check_seed(seed)
@@ -70,7 +71,7 @@ class LoRALayer(AdapterMixin, nn.Module):
         # One adapter name per sample for the mixed batches to come (set_batch_adapters), or None.
         self.batch_adapters: list[str] | None = None
         self.draw_adapter(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                             init_lora_weights=init_lora_weights, use_rslora=use_rslora)
+                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, use_dora=use_dora)
         self.set_adapter(adapter_name)
         # A state dict of the unwrapped base layer (``<prefix>weight``) loads into this module.
         self._register_load_state_dict_pre_hook(self._base_keys_hook)
@@ -141,8 +142,9 @@ class LoRALayer(AdapterMixin, nn.Module):
                                               singleton_local_shards=meta.get("singleton_local_shards", False),
                                               **groups)
                 out[f"{prefix}base_layer.{name}"] = v
-        for which in ("lora_A", "lora_B"):
-            split = layout.factor(which)
+        # The DoRA magnitude is split as B's rows (its split's dim 0 is N).
+        for which, split in (("lora_A", layout.lora_a), ("lora_B", layout.lora_b),
+                             ("lora_magnitude_vector", layout.lora_b)):
             for name, factor in getattr(self, which).items():
                 key = f"{prefix}{which}.{name}.weight"
                 out[key] = layout.sharded_tensor(factor.weight, split, key,
@@ -158,7 +160,7 @@ class LoRALayer(AdapterMixin, nn.Module):
         """
 
     # -- forward -----------------------------------------------------------------------------
-    def _lora_call(self, x: torch.Tensor, names: Sequence[str] | None) -> dict | None:
+    def _lora_call(self, x: torch.Tensor, names: Sequence[str] | None, weight: torch.Tensor) -> dict | None:
         """The factors, scale, dropout and mix of this call, or None for the base layer alone.
 
         With ``names`` (one adapter name per sample, ``multi.BASE`` for none) the adapters they use,
@@ -179,7 +181,10 @@ class LoRALayer(AdapterMixin, nn.Module):
             name = self.active_adapters[0]
             opt = self.adapter_options(name)
             a, b = self.factors(name)
-            return dict(lora_a=a, lora_b=b, scale=opt.scaling, dropout_p=opt.lora_dropout if self.training else 0.0)
+            call = dict(lora_a=a, lora_b=b, scale=opt.scaling, dropout_p=opt.lora_dropout if self.training else 0.0)
+            if opt.use_dora:
+                call["magnitude"], call["norm"] = self.dora_inputs(name, weight, a, b)
+            return call
         if self.merged:
             raise ValueError(f"a mixed batch cannot run on a merged layer (merged: {self.merged_adapters}); unmerge()")
         names = list(names)
@@ -204,6 +209,10 @@ class LoRALayer(AdapterMixin, nn.Module):
         if not used:
             return None
         opts = [self.adapter_options(n) for n in used]
+        dora = [n for n, o in zip(used, opts) if o.use_dora]
+        if dora:
+            raise ValueError(f"DoRA adapters {dora} cannot run in a mixed batch (one adapter per sample): each DoRA "
+                             "adapter's magnitude scales whole output rows; run them one at a time")
         thrs = [dropout_threshold(o.lora_dropout) if self.training else 0 for o in opts]
         mix = build_mix([used.index(n) if n in used else -1 for n in names], ranks=[o.r for o in opts],
                         scales=[o.scaling for o in opts], thrs=thrs, device=x.device)
@@ -215,7 +224,7 @@ class LoRALayer(AdapterMixin, nn.Module):
         spec, base = self.spec, self.base_layer
         w = spec.weight(base, weight)
         bias = None if spec.skip_bias_add else base.bias
-        lora = self._lora_call(x, adapter_names if adapter_names is not None else self.batch_adapters)
+        lora = self._lora_call(x, adapter_names if adapter_names is not None else self.batch_adapters, w)
         if lora is None:
             self.last_backend = "base"
             out = parallel_linear(x, w, mode, bias=bias)
@@ -317,10 +326,12 @@ _MODULE_ARGS = """
         init_lora_weights: True, False or ``"gaussian"``.
         adapter_name: the first adapter's name.
         lora_dtype: LoRA parameter dtype (default: the base weight's).
-        backend: kernel backend (default: ``TPLORA_BACKEND`` or automatic; see ``backends``).
+        backend: kernel backend (default: ``TPLORA_BACKEND`` or automatic; see ``ops.select``).
         seed: the dropout seed for users who manage it (``rng.resolve_seed``: an int, an int64
             tensor updated in place, or a callable); None (default) draws one per call by
             ``tplora_kernels.rng``'s rule, identical on every TP rank.
+        use_dora: DoRA (``tplora_kernels.dora``): a magnitude per output row, PEFT's
+            ``lora_magnitude_vector``, starting at ``‖W + s·B A‖``.
 """
 
 
