@@ -282,7 +282,8 @@ class AdapterMixin:
         pb.requires_grad_(trainable)
         self.lora_A[adapter_name] = LoRAFactor(pa)
         self.lora_B[adapter_name] = LoRAFactor(pb)
-        self.lora_magnitude_vector.pop(adapter_name, None)
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         if options.use_dora:
             if full_m is None:
                 local_m = row_norms(self.base_layer.weight, pa.detach(), pb.detach(), options.scaling, self.spec.mode)
@@ -509,7 +510,8 @@ class AdapterMixin:
         if adapter_name in self.merged_adapters:
             self.unmerge()
         for holders in self._holder_dicts():
-            holders.pop(adapter_name, None)
+            if adapter_name in holders:
+                del holders[adapter_name]
         del self._options[adapter_name]
         self.norm_cache().clear(adapter_name)
         if adapter_name in self._active:

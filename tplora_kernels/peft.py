@@ -43,8 +43,8 @@ __all__ = ["PeftColumnParallelLoRA", "PeftRowParallelLoRA", "register"]
 class _PeftLoRAMixin:
     """PEFT's LoraLayer contract on top of ``LoRALayer``; first in the MRO of both classes."""
 
-    # PEFT's generic layer helpers iterate these names; ours has no embedding/DoRA containers.
-    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B")
+    # PEFT's generic layer helpers iterate these names (DoRA's magnitudes included; no embedding adapters).
+    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_magnitude_vector")
     other_param_names: tuple[str, ...] = OPTION_FIELDS
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", config: Any = None,
@@ -62,7 +62,6 @@ class _PeftLoRAMixin:
                          lora_dtype=lora_dtype, **opts)
         # Attributes PEFT's LoraLayer.__init__ would set and its helpers read.
         self.kwargs: dict = {}
-        self.use_dora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
         self.lora_variant: dict = {}
         self._caches: dict = {}

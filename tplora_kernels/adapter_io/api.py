@@ -42,7 +42,7 @@ from ..modules import LoRALayer
 from ..naming import LoRASite, as_chunks, lora_sites, plain_name
 from . import hf_format as H
 from . import peft_format as P
-from .collect import Scope, agree, check_complete, full_factors, iter_full_factors, layer_order, peers_of
+from .collect import FullFactors, Scope, agree, check_complete, full_factors, iter_full_factors, layer_order, peers_of
 
 __all__ = ["AdapterStream", "adapter_state_dict", "export_hf_adapter", "gather_full_factors",
            "iter_adapter_state_dict", "load_adapter", "load_adapter_state_dict", "load_hf_adapter", "save_adapter"]
@@ -71,7 +71,8 @@ def gather_full_factors(module: LoRALayer, adapter_name: str) -> tuple[torch.Ten
     if not isinstance(module, LoRALayer):
         raise TypeError(f"module must be a ColumnParallelLoRA or RowParallelLoRA, got {type(module).__name__}")
     module.adapter_options(adapter_name)
-    return full_factors(module, adapter_name)
+    full = full_factors(module, adapter_name)
+    return full.a, full.b
 
 
 # -- the agreement step ------------------------------------------------------------------------
@@ -189,10 +190,12 @@ class AdapterStream:
             yield layer, self._convert(factors)
 
 
-def _peft_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _peft_tensors(factors: dict[str, FullFactors]) -> dict[str, torch.Tensor]:
     out = {}
-    for name, (a, b) in factors.items():
-        out[P.key(name, "lora_A")], out[P.key(name, "lora_B")] = a, b
+    for name, full in factors.items():
+        out[P.key(name, "lora_A")], out[P.key(name, "lora_B")] = full.a, full.b
+        if full.magnitude is not None:
+            out[P.magnitude_key(name)] = full.magnitude
     return out
 
 
@@ -424,9 +427,10 @@ def load_adapter_state_dict(model: Model, tensors: dict[str, torch.Tensor], conf
     sites = _sites(chunks)
     scope = _scope(group, sites, writes=False)
     what = "load_hf_adapter" if format == "hf" else "load_adapter"
-    plan: list[tuple[LoRASite, AdapterOptions, torch.Tensor, torch.Tensor]] = []
+    plan: list[tuple[LoRASite, AdapterOptions, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     dropout = float(config.get("lora_dropout", 0.0))
     rslora = bool(config.get("use_rslora", False))
+    use_dora = bool(config.get("use_dora", False))
 
     def local() -> _LoadReport:
         used, missing = set(), []
@@ -439,7 +443,7 @@ def load_adapter_state_dict(model: Model, tensors: dict[str, torch.Tensor], conf
                 if not found:
                     missing.append(s.name)
                     continue
-                r, alpha, a, b = H.combine(found, m.out_features, rslora)
+                r, alpha, a, b, mag = H.combine(found, m.out_features, rslora)
             else:
                 ka, kb = P.key(s.name, "lora_A"), P.key(s.name, "lora_B")
                 if ka not in tensors or kb not in tensors:
@@ -457,7 +461,16 @@ def load_adapter_state_dict(model: Model, tensors: dict[str, torch.Tensor], conf
                                      f"{list(b.shape)}")
                 alpha = pattern_value(config.get("alpha_pattern"), s.name, config.get("lora_alpha", r))
                 used.update((ka, kb))
-            plan.append((s, AdapterOptions.build(r, alpha, dropout, rslora), a, b))
+                mag = None
+                if use_dora:
+                    km = P.magnitude_key(s.name)
+                    if km not in tensors:
+                        raise ValueError(f"{where}: use_dora is set but {km} is missing")
+                    mag = tensors[km]
+                    if tuple(mag.shape) != (m.out_features,):
+                        raise ValueError(f"{where}: {km} must be [{m.out_features}], got {list(mag.shape)}")
+                    used.add(km)
+            plan.append((s, AdapterOptions.build(r, alpha, dropout, rslora, use_dora), a, b, mag))
         if reader is not None:
             used |= reader.used
         merged = [s.name for s in sites if adapter_name in s.module.merged_adapters]
@@ -487,9 +500,9 @@ def load_adapter_state_dict(model: Model, tensors: dict[str, torch.Tensor], conf
                          + (" ..." if len(extra) > 8 else ""))
         raise ValueError(f"{what}(strict=True): {where} and the model hold different layers (global names, "
                          f"the same at every parallel layout): " + "; ".join(parts))
-    for s, opts, a, b in plan:
+    for s, opts, a, b, mag in plan:
         s.module.register_adapter(adapter_name, a, b, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                                  use_rslora=opts.use_rslora)
+                                  use_rslora=opts.use_rslora, magnitude=mag, use_dora=opts.use_dora)
         if activate:
             s.module.set_adapter(adapter_name)
     return [s.name for s, *_ in plan]

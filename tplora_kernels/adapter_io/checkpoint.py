@@ -30,7 +30,7 @@ from .collect import Scope, agree, touch_factors
 
 __all__ = ["adapter_sharded_state_dict", "load_adapter_checkpoint", "save_adapter_checkpoint"]
 
-_ADAPTER_PARTS = (".lora_A.", ".lora_B.")
+_ADAPTER_PARTS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
 
 
 def _is_adapter_key(key: str) -> bool:

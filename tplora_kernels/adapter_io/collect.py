@@ -21,14 +21,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from ..naming import LoRASite, layer_key
 
-__all__ = ["Scope", "agree", "full_factors", "iter_full_factors", "layer_order", "peers_of", "touch_factors"]
+__all__ = ["FullFactors", "Scope", "agree", "full_factors", "iter_full_factors", "layer_order", "peers_of",
+           "touch_factors"]
 
 
 @dataclass(frozen=True)
@@ -150,17 +151,31 @@ def layer_order(names: Sequence[str]) -> list[str]:
     return sorted({layer_key(n) for n in names}, key=_order_key)
 
 
-def full_factors(module: torch.nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The full ``A [r, K]`` and ``B [N, r]`` of one layer's adapter: an all-gather over its TP group.
+class FullFactors(NamedTuple):
+    """One layer's adapter as full tensors: ``a [r, K]``, ``b [N, r]``, and DoRA's ``magnitude [N]`` (or None)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    magnitude: torch.Tensor | None = None
+
+
+def full_factors(module: torch.nn.Module, adapter: str) -> FullFactors:
+    """The full factors (and DoRA magnitude) of one layer's adapter: an all-gather over its TP group.
 
     The factors are read through their holder modules' calls (``lora_A[adapter]()``), so hooks
     that fill a parameter before its owner runs (Megatron DDP's ``overlap_param_gather``, FSDP)
-    see the read. Every rank of the layer's TP group must call it, in the same order.
+    see the read. Every rank of the layer's TP group must call it, in the same order. The
+    magnitude is split as B's rows, and joined by the same rule.
     """
+    layout, group = module.spec.layout, module.spec.mode.group
     a = module.lora_A[adapter]().detach()
     b = module.lora_B[adapter]().detach()
-    full_a, full_b = module.spec.layout.gather_factors(a, b, module.spec.mode.group)
-    return full_a.clone(), full_b.clone()
+    full_a, full_b = layout.gather_factors(a, b, group)
+    magnitude = None
+    if adapter in module.lora_magnitude_vector:
+        local = module.lora_magnitude_vector[adapter]().detach()
+        magnitude = layout.lora_b.gather(local.reshape(-1, 1), group).reshape(-1).clone()
+    return FullFactors(full_a.clone(), full_b.clone(), magnitude)
 
 
 def touch_factors(sites: Sequence[LoRASite]) -> None:
@@ -183,8 +198,8 @@ def _tp_ranks(site: LoRASite) -> list[int]:
 
 
 def iter_full_factors(scope: Scope, sites: Sequence[LoRASite], holders: dict[str, list[int]], adapter: str, *,
-                      dst: int | None) -> Iterator[tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
-    """Yield ``(layer key, {canonical name: (full A, full B) on the CPU})`` layer by layer.
+                      dst: int | None) -> Iterator[tuple[str, dict[str, FullFactors]]]:
+    """Yield ``(layer key, {canonical name: FullFactors on the CPU})`` layer by layer.
 
     Args:
         scope: the calling ranks (every one must iterate to the end: the transfers are collectives).
@@ -202,16 +217,16 @@ def iter_full_factors(scope: Scope, sites: Sequence[LoRASite], holders: dict[str
     dst_global = None if dst is None else scope.ranks[dst]
     for key in layer_order(list(holders)):
         names = [n for n in sorted(holders, key=_order_key) if layer_key(n) == key]
-        local: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        local: dict[str, FullFactors] = {}
         for name in names:
             site = mine.get(name)
             if site is None:
                 continue
             if not scope.distributed or owner[name] in _tp_ranks(site):
-                a, b = full_factors(site.module, adapter)
+                full = full_factors(site.module, adapter)
                 if owner[name] == scope.me:
-                    local[name] = (a.cpu().contiguous(), b.cpu().contiguous())
-        got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+                    local[name] = FullFactors(*(None if t is None else t.cpu().contiguous() for t in full))
+        got: dict[str, FullFactors] = {}
         for src in sorted({owner[n] for n in names}):
             if not scope.distributed:
                 payload = [local]

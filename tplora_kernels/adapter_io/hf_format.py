@@ -108,13 +108,14 @@ class Heads:
 
 @dataclass(frozen=True)
 class _Factor:
-    """One target's full factors and options: it computes ``scale * B A``."""
+    """One target's full factors and options: it computes ``scale * B A`` (DoRA: rows scaled to ``magnitude``)."""
 
     target: Target
     a: torch.Tensor
     b: torch.Tensor
     alpha: float
     scale: float
+    magnitude: torch.Tensor | None = None
 
 
 # -- argument checks and the Megatron config -------------------------------------------------
@@ -232,6 +233,10 @@ def _lora_key(target_name: str, which: str) -> str:
     return f"{PEFT_PREFIX}{target_name}.{which}.weight"
 
 
+def _magnitude_key(target_name: str) -> str:
+    return f"{PEFT_PREFIX}{target_name}.lora_magnitude_vector"
+
+
 def _fused_key(param: str, targeted: set[str], which: str) -> str:
     """Key of a fused expert parameter's factor: PEFT nests one ParamWrapper per targeted parameter."""
     module, _, leaf = param.rpartition(".")
@@ -247,7 +252,7 @@ def _pad(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.
 
 
 def _adapter_config(ranks: dict[str, int], r0: int, s0: float, ref: tuple[int, float] | None, heads: Heads, *,
-                    dropout: float) -> dict:
+                    dropout: float, use_dora: bool = False) -> dict:
     """adapter_config.json: one LoRA scale ``s0`` everywhere (``use_rslora`` off, alpha = s0 * r).
 
     ``ref`` (a layers' ``(r, alpha)`` of scale ``s0`` without rsLoRA) gives alpha as ``alpha * r' / r``,
@@ -262,7 +267,7 @@ def _adapter_config(ranks: dict[str, int], r0: int, s0: float, ref: tuple[int, f
     other = {n: r for n, r in ranks.items() if r != r0}
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "bias": "none",
             "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-            "use_dora": False, "use_rslora": False, "r": r0, "lora_alpha": alpha(r0), "lora_dropout": dropout,
+            "use_dora": use_dora, "use_rslora": False, "r": r0, "lora_alpha": alpha(r0), "lora_dropout": dropout,
             "target_modules": _selectors(modules, heads), "target_parameters": _selectors(params, heads) or None,
             "rank_pattern": other, "alpha_pattern": {n: alpha(r) for n, r in other.items()}}
 
@@ -291,6 +296,9 @@ def _pack(found: list[_Factor], s0: float, experts: int, expert_rank: int | None
         if expert_rank is not None and "block_sparse_moe" in f.target.name:
             a, b = _pad(a, b, expert_rank)
         tensors[_lora_key(f.target.name, "lora_A")], tensors[_lora_key(f.target.name, "lora_B")] = a, b
+        if f.magnitude is not None:
+            # The norm is of s·B A, which folding s/s0 into B leaves as it is: the magnitude carries over.
+            tensors[_magnitude_key(f.target.name)] = f.magnitude.clone()
     targeted: dict[str, set[str]] = {}
     for param in fused:
         module, _, leaf = param.rpartition(".")
@@ -357,15 +365,18 @@ class HFExport:
                     ranks[t.name] = r_file if "block_sparse_moe" in t.name else infos[n].options.r
         # PEFT refuses lora_dropout on parameter targets (which per-expert modules become in transformers 5).
         self.config = _adapter_config(ranks, r_file, self.s0, None if rslora else (r0, alpha0), heads,
-                                      dropout=0.0 if (per_expert or fused) else dropout)
+                                      dropout=0.0 if (per_expert or fused) else dropout,
+                                      use_dora=any(o.use_dora for o in opts))
 
-    def tensors(self, layer: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """HF PEFT tensors of one transformer layer from its full factors ``{canonical name: (A, B)}`` (fp32)."""
+    def tensors(self, layer: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """HF PEFT tensors of one transformer layer from its full factors ``{canonical name: FullFactors}`` (fp32)."""
         found = []
-        for n, (a, b) in layer.items():
+        for n, full in layer.items():
             o = self.infos[n].options
-            a, b = a.float(), b.float()
-            found += [_Factor(t, a, b if t.rows is None else b[t.rows], o.lora_alpha, o.scaling)
+            a, b = full.a.float(), full.b.float()
+            m = None if full.magnitude is None else full.magnitude.float()
+            found += [_Factor(t, a, b if t.rows is None else b[t.rows], o.lora_alpha, o.scaling,
+                              None if m is None else (m if t.rows is None else m[t.rows]))
                       for t in self.targets[n]]
         return _pack(found, self.s0, self.heads.experts, self.expert_rank)
 
@@ -406,6 +417,19 @@ class Reader:
         dtype = torch.promote_types(a.dtype, torch.float32)
         return a.to(dtype), b.to(dtype)
 
+    def _magnitude(self, target: str, n: int) -> torch.Tensor | None:
+        """DoRA's magnitude of ``target`` (``[n]``) when the config says ``use_dora``, else None."""
+        if not self.cfg.get("use_dora", False):
+            return None
+        key = _magnitude_key(target)
+        if key not in self.tensors:
+            raise ValueError(f"{self.path}: use_dora is set but {key} is missing")
+        m = self.tensors[key]
+        if tuple(m.shape) != (n,):
+            raise ValueError(f"{self.path}: {key} must be [{n}], got {list(m.shape)}")
+        self.used.add(key)
+        return m.to(torch.promote_types(m.dtype, torch.float32))
+
     def factor(self, t: Target, in_features: int, out_features: int) -> _Factor | None:
         """Target ``t``'s factors (None: not in the file), for a layer ``[out_features, in_features]``."""
         n = out_features if t.rows is None else len(t.rows)
@@ -419,7 +443,10 @@ class Reader:
             if tuple(a.shape) != (r, in_features) or tuple(b.shape) != (n, r):
                 raise ValueError(f"{self.path}: {ka}/{kb} do not fit {t.name}: expected [r, {in_features}] and "
                                  f"[{n}, r], got {list(a.shape)} and {list(b.shape)}")
-            return _Factor(t, a, b, *self._options(t.name, r, ka))
+            return _Factor(t, a, b, *self._options(t.name, r, ka), self._magnitude(t.name, n))
+        if self.cfg.get("use_dora", False):
+            raise ValueError(f"{self.path}: use_dora on Mixtral's fused expert parameters has no Megatron counterpart "
+                             "(DoRA is not supported on MoE experts)")
         module, _, leaf = t.name.rpartition(".")
         targeted = {p for p in _FUSED_PARAMS if any(f"{module}.{p}" == q or f"{module}.{p}".endswith(f".{q}")
                                                     for q in self.params)}
@@ -447,15 +474,22 @@ class Reader:
         return []
 
 
-def combine(found: list[_Factor], out_features: int, rslora: bool) -> tuple[int, float, torch.Tensor, torch.Tensor]:
-    """One LoRA ``(r, alpha, A [r, K], B [N, r])`` whose product is every found block's, in its rows.
+def combine(found: list[_Factor], out_features: int,
+            rslora: bool) -> tuple[int, float, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One LoRA ``(r, alpha, A [r, K], B [N, r], magnitude [N] or None)`` reproducing every found block in its rows.
 
     Blocks with one shared A keep its rank; else the A's are stacked (rank = the sum) and B is
-    block-diagonal. Each block's scale is folded into its B relative to the first block's.
+    block-diagonal. Each block's scale is folded into its B relative to the first block's. DoRA's
+    row norms are per output row, so the blocks' magnitudes go to their rows unchanged.
     """
     first = found[0]
     if len(found) == 1 and first.target.rows is None:
-        return first.a.shape[0], first.alpha, first.a, first.b
+        return first.a.shape[0], first.alpha, first.a, first.b, first.magnitude
+    magnitude = None
+    if any(f.magnitude is not None for f in found):
+        magnitude = first.a.new_zeros(out_features)
+        for f in found:
+            magnitude[slice(None) if f.target.rows is None else f.target.rows] = f.magnitude
     shared = all(torch.equal(f.a, first.a) for f in found)
     r = first.a.shape[0] if shared else sum(f.a.shape[0] for f in found)
     a = first.a if shared else torch.cat([f.a for f in found])
@@ -466,4 +500,4 @@ def combine(found: list[_Factor], out_features: int, rslora: bool) -> tuple[int,
         rows = slice(None) if f.target.rows is None else f.target.rows
         b[rows, cols] = f.b if f.scale == first.scale else f.b * (f.scale / first.scale)
         start += f.a.shape[0]
-    return r, first.alpha if shared else _alpha_for(first.scale, r, rslora), a, b
+    return r, first.alpha if shared else _alpha_for(first.scale, r, rslora), a, b, magnitude

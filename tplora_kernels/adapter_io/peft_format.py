@@ -26,7 +26,8 @@ from ..adapters import AdapterOptions
 from ..config import check_config, pattern_value
 from ..naming import PEFT_PREFIX, plain_name
 
-__all__ = ["BIN_NAME", "CONFIG_NAME", "SAFETENSORS_NAME", "config_dict", "key", "read_files", "write_files"]
+__all__ = ["BIN_NAME", "CONFIG_NAME", "SAFETENSORS_NAME", "config_dict", "key", "magnitude_key", "read_files",
+           "write_files"]
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -42,6 +43,17 @@ def key(name: str, which: str) -> str:
     """
     plain = plain_name(name)
     return f"{PEFT_PREFIX}{plain}.{which}.weight" if plain else f"{PEFT_PREFIX}{which}.weight"
+
+
+def magnitude_key(name: str) -> str:
+    """PEFT's key of DoRA's magnitude of module ``name`` (no ``.weight``: PEFT keeps its old key).
+
+    Example:
+        >>> magnitude_key("decoder.layers.0.mlp.linear_fc2")
+        'base_model.model.decoder.layers.0.mlp.linear_fc2.lora_magnitude_vector'
+    """
+    plain = plain_name(name)
+    return f"{PEFT_PREFIX}{plain}.lora_magnitude_vector" if plain else f"{PEFT_PREFIX}lora_magnitude_vector"
 
 
 def config_dict(options: Mapping[str, AdapterOptions], config: Any = None) -> dict:
@@ -61,9 +73,11 @@ def config_dict(options: Mapping[str, AdapterOptions], config: Any = None) -> di
     rs = {n: o.r for n, o in options.items()}
     alphas = {n: o.lora_alpha for n, o in options.items()}
     rslora = {o.use_rslora for o in options.values()}
-    if len(rslora) != 1:
-        raise ValueError("the adapter mixes use_rslora=True and False across layers; PEFT's format has one "
-                         "use_rslora per adapter")
+    dora = {o.use_dora for o in options.values()}
+    for field, values in (("use_rslora", rslora), ("use_dora", dora)):
+        if len(values) != 1:
+            raise ValueError(f"the adapter mixes {field}=True and False across layers; PEFT's format has one "
+                             f"{field} per adapter")
     if config is not None and hasattr(config, "to_dict"):  # a PEFT LoraConfig
         out = config.to_dict()
         out = {k: (sorted(v) if isinstance(v, set) else v) for k, v in out.items()}
@@ -78,6 +92,7 @@ def config_dict(options: Mapping[str, AdapterOptions], config: Any = None) -> di
             out.update(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                        init_lora_weights=config.init_lora_weights)
     out["use_rslora"] = rslora.pop()
+    out["use_dora"] = dora.pop()
     out["inference_mode"] = True
     for field, actual, default in (("rank_pattern", rs, out["r"]), ("alpha_pattern", alphas, out["lora_alpha"])):
         given = dict(out.get(field) or {})
