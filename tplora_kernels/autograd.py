@@ -34,13 +34,16 @@ row, SP on         reduce-scatter rows of ``[z | u]``          all-gather rows o
 LoRA adds no collective to any mode. The ``[a | b]`` buffers are ``distributed.RowChunkedBuffer``s:
 the kernels write both operands straight into the one buffer the base collective reduces or
 gathers. Saved for backward: the layer input (local under SP), u (T×r) and the seed; no mask, no
-dropped or fp32 copy of x. The exceptions, documented, are where a frozen base has no collective
-for LoRA to ride on: a column layer whose input needs no gradient (du, T×r, gets an all-reduce,
-or a reduce-scatter under SP, of its own); a row layer under SP whose input needs no gradient
-(dy's rows are still all-gathered, for dB); and an MoE expert under expert-TP > 1, whose
-communication the token dispatcher does (``explicit_comm``: one all-reduce of u (row) or du
-(column), T×r, over the expert-TP group). Outside this module, ``ops.select`` broadcasts one
-int64 per new layer shape when ``auto`` picks a GEMM path on CUDA at TP > 1.
+dropped or fp32 copy of x. Where a frozen base has no collective for LoRA to ride on (a layer
+whose input needs no gradient, an MoE expert under expert TP), LoRA runs its own on T×r; the
+README's "Modes and collectives" lists every such case, in one place.
+
+DoRA (``magnitude`` given; ``tplora_kernels.dora``) scales each output column by
+``g = m/‖W + s·B A‖``: in the GEMM's epilogue for a column layer (its norm is local), after the
+reduction for a row layer, whose partial norms ride in the same ``[z | u]`` collective (N more
+values per block). Backward applies g on dy's load and forms ``dm = Σ_t dy ⊙ y0 / ‖·‖`` from the
+saved pre-scale output y0 (one output-sized tensor). With dropout it is PEFT's form, which needs
+the GEMM twice (once on x, once on the dropped x), in both directions.
 
 u is kept in x's dtype, except with fp16 activations and fp32 factors, where it is kept in fp32
 (fp16's range is too small for it, and PEFT computes it in fp32); it then computes the output in
