@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
     wall = time.perf_counter() - t0
     report.derive(records)
-    tgt = report.targets(records)
+    tgt = report.judge(records)
     meta = report.collect_meta()
     # Other work on the machine skews CPU timings: the 1-minute load average before and after.
     meta["machine"]["loadavg_1m"] = [None if load0 is None else round(load0[0], 2),
@@ -267,33 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                      "adapters": args.adapters}})
     if device == "cuda":
         meta["gemm_decisions"] = info.get("gemm_decisions", {})
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    report.write_json(args.out_dir / "bench.json", meta, records, tgt)
-    report.write_csv(args.out_dir / "bench.csv", records)
-    plotted = not args.no_plot and report.plot(args.out_dir / "bench.png", records,
-                                               report.plot_title(meta, records))
-    backends = ",".join(meta["backend"])
-    print(f"tplora bench  {started:%Y-%m-%d %H:%M} UTC  device={device} backend={backends} dtype={v['dtype']} "
-          f"T={v['tokens']} K={v['d_in']} N={v['d_out']} r={v['r']}  commit={(meta['git']['commit'] or '?')[:10]}"
-          f"{'+dirty' if meta['git']['dirty'] else ''}  wall {wall:.0f}s  load {meta['machine']['loadavg_1m']}")
-    cores = meta["machine"]["cores"] or 1
-    if device == "cpu" and max((x for x in meta["machine"]["loadavg_1m"] if x is not None), default=0) > cores:
-        print(f"WARNING: the load average exceeded the {cores} cores during the run: other work shared the CPU, "
-              "so the times below are inflated and noisy (ratios between contenders of a case hold up best).")
-    print(report.format_table(records))
-    if multi := report.format_multi(records):
-        print(multi)
-    print(report.format_backends(meta, records))
-    print(report.format_legend(records))
-    print()
-    if any(r["contender"] == "fused" for r in records):
-        print(report.format_targets(tgt))
-    else:
-        print("Verdicts: none; they judge the single-adapter cases, and --multi only ran none.")
-    if args.quick:
-        print("--quick: a smoke run; at T=K=N=64 fixed per-call costs dominate, so its times mean nothing.")
-    files = ["bench.json", "bench.csv"] + (["bench.png"] if plotted else [])
-    print(f"\nwrote {', '.join(str(args.out_dir / f) for f in files)}")
+    files = report.write(args.out_dir, meta, records, tgt, plot_png=not args.no_plot)
+    print(report.render(meta, records, tgt, started=started, wall=wall, files=files, quick=args.quick))
     return 0
 
 

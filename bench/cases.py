@@ -26,9 +26,10 @@ byte formulas below are the ones ``NOTES.md`` derives; the roofline floor is
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+
+from tplora_kernels.testing.numerics import rel_err
 
 __all__ = [
     "CONTENDERS",
@@ -44,7 +45,6 @@ __all__ = [
     "matrix",
     "min_bytes",
     "model_flops",
-    "rel_err",
     "roofline_ms",
 ]
 
@@ -393,20 +393,6 @@ def _build(case: Case, *, group, rank, device, backend, ref_dropout, lora_dtype,
     built.contenders["fused"] = lambda: fused(x, w, a, b, scale=scale, dropout_p=p, seed=seed_t, backend=backend,
                                               **common)
     return built
-
-
-def rel_err(got, want) -> float:
-    """``max |got - want| / max |want|`` in fp64 (the bench's checks); inf for NaN/Inf or a wrong shape.
-
-    Example:
-        >>> import torch
-        >>> rel_err(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0]))
-        0.25
-    """
-    if got.shape != want.shape:
-        return math.inf
-    e = float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
-    return e if math.isfinite(e) else math.inf
 
 
 def _build_multi(case: Case, *, group, rank, device, backend, lora_dtype, seed, **_) -> Built:

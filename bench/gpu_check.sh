@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
-# One command for a lent GPU (H200: Python 3.12, torch 2.11, triton 3.6, no megatron-core):
+# One command for a GPU machine: the CUDA checks, then the bench at LoRAFusion's shape.
 #
 #     OUT=/some/dir bash bench/gpu_check.sh        # OUT defaults to bench_out/gpu_check (git-ignored)
 #
-# Runs, each step under its own time limit so the whole stays under 8 minutes:
-#   env          nvidia-smi, versions, and that the package and bench import without megatron
-#   correctness  every kernel and every mode, fp32/fp16/bf16, TP=1 and shard shapes, TP=2/4 as
-#                processes sharing the GPU (python -m bench.gpu_check correctness)
-#   pytest_gpu   the test suite's GPU-marked tests, if pytest is installed
-#   int64        each kernel on an operand of > 2^31 elements (python -m bench.gpu_check int64)
+# Needs one CUDA GPU with about 10 GB free, torch, triton >= 3.6, pytest and hypothesis; not
+# megatron-core or PEFT (neither the CUDA tests nor the bench's own contenders import them; the
+# bench skips PEFT's layer without them). Runs from this checkout (PYTHONPATH), nothing installed.
+# Each step has its own time limit, so the whole stays under 8 minutes:
+#   env          nvidia-smi, versions, and that the package and the bench import without megatron
+#   cuda_tests   the suite's CUDA tests (pytest -m gpu: tests/ops/test_cuda.py, every kernel against
+#                fp64 in fp32/fp16/bf16 at TP=1 and shard shapes, and each on an operand of > 2^31
+#                elements; tests/parallel/test_cuda_modes.py, every mode at TP 1/2/4 as processes
+#                sharing the GPU), JUnit report and per-check verdicts under $OUT
 #   bench        python -m bench at LoRAFusion's shape: per-rank 4096x4096, T=8192, r=16,
 #                p=0.1, bf16 (TP=1 is exactly that; TP 2 and 4 time each rank's shards on the
 #                one GPU, collectives "not measured"), backend auto: the package picks triton or
 #                cublas per layer shape by measuring both, and the summary lists those choices
 #                and times (--backend triton or cublas times one path alone)
-# Everything lands under $OUT (logs, JSON, CSV, PNG); the summary is printed last and saved as
-# $OUT/summary.txt. The exit status is 0 only if every step passed.
+# Everything lands under $OUT (logs, JUnit XML, JSON, CSV, PNG); the summary is printed last and
+# saved as $OUT/summary.txt. The exit status is 0 only if every step passed.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench_out/gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET TPLORA_BACKEND
+unset TRITON_INTERPRET TPLORA_BACKEND TPLORA_CUDA_CHECKS_ON_CPU
 : > "$OUT/steps.txt"
 status=0
 
@@ -48,26 +51,22 @@ try:
     print('megatron-core', md.version('megatron-core'))
 except md.PackageNotFoundError:
     print('megatron-core not installed')
-import tplora_kernels, bench.runner, bench.report, bench.gpu_check
+import tplora_kernels, bench.runner, bench.report, bench.gpu_summary
 print('tplora_kernels', tplora_kernels.__version__, 'imports fine')
 EOF" || status=1
 
-step correctness 170 "$PY" -m bench.gpu_check correctness --out "$OUT" || status=1
-
 if "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
-    # rc 5 = no GPU-marked test collected: not a failure
-    step pytest_gpu 40 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --continue-on-collection-errors
-    rc=$?
-    [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ] && status=1
+    rm -rf "$OUT/checks"
+    TPLORA_CHECKS_OUT="$OUT/checks" step cuda_tests 270 "$PY" -m pytest -q -m gpu tests/ops \
+        tests/parallel/test_cuda_modes.py -p no:cacheprovider --junitxml "$OUT/pytest.xml" || status=1
 else
-    echo "pytest_gpu skipped: pytest/hypothesis not installed" >> "$OUT/steps.txt"
+    echo "cuda_tests rc=1: pytest and hypothesis are needed (pip install pytest hypothesis)" >> "$OUT/steps.txt"
+    status=1
 fi
-
-step int64 60 "$PY" -m bench.gpu_check int64 --out "$OUT" || status=1
 
 step bench 170 "$PY" -m bench --tp 1,2,4 --kind column,row --tokens 8192 --in 4096 --out 4096 --r 16 --p 0.1 \
     --dtype bf16 --backend auto --out-dir "$OUT/bench" --no-progress || status=1
 
-"$PY" -m bench.gpu_check summary --out "$OUT" > "$OUT/summary.txt" 2>&1
+"$PY" -m bench.gpu_summary "$OUT" > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
 exit "$status"

@@ -1,12 +1,17 @@
-"""Results: derived ratios, target checks, the stdout table and its legend, JSON, CSV and the PNG plot.
+"""Results, in four steps: derive, judge, render, write (``python -m bench`` calls them in that order).
 
-Ratios are taken between contenders of the same case on medians: ``overhead_pct`` of LoRA over
-the frozen base, ``t / t_base - 1``; the fused path's ``speedup_vs_reference`` and
-``speedup_vs_peft``, ``t_other / t_fused``; in a multi-adapter case, the mixed call's
-``speedup_vs_sequential``, ``t_sequential / t_mixed``. ``targets`` judges what a run can judge: the
-structural targets (no added collective, nothing saved beyond x, u and the seed) anywhere, the
-GPU speed targets (``GPU_TARGETS``) only on a triton run; a CPU run reports its times for
-information, with what they mean (``CPU_TIMES_MEAN``).
+1. Deriving (``derive``): ratios between contenders of the same case, on medians:
+   ``overhead_pct`` of LoRA over the frozen base, ``t / t_base - 1``; the fused path's
+   ``speedup_vs_reference`` and ``speedup_vs_peft``, ``t_other / t_fused``; in a multi-adapter
+   case, the mixed call's ``speedup_vs_sequential``, ``t_sequential / t_mixed``.
+2. Judging (``judge``): the targets a run can judge: the structural targets (no added
+   collective, nothing saved beyond x, u and the seed) anywhere, the GPU speed targets
+   (``GPU_TARGETS``) only on a run of GPU kernels; a CPU run reports its times for information,
+   with what they mean (``CPU_TIMES_MEAN``).
+3. Rendering (``render``, from the ``format_*`` parts): the text ``python -m bench`` prints: a
+   header, the table and its legend, the multi-adapter cases, the backends, the verdicts.
+4. Writing (``write``): ``bench.json`` (with ``collect_meta``'s machine, versions and commit),
+   ``bench.csv`` and the ``bench.png`` plot.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import platform
 import subprocess
 import sys
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 
 from .cases import DESCRIBE, ELEM, Case
 
 __all__ = ["CPU_TIMES_MEAN", "GPU_TARGETS", "collect_meta", "derive", "format_backends", "format_legend",
-           "format_multi", "format_table", "format_targets", "plot", "plot_title", "targets", "write_csv",
-           "write_json"]
+           "format_multi", "format_table", "format_targets", "judge", "plot", "plot_title", "render", "write",
+           "write_csv", "write_json"]
 
 _PHASES = ("fwd", "fwd_bwd")
 _MIB = 1 << 20
@@ -38,7 +44,7 @@ _STAND_INS = ("torch", "interpret")  # backends that run the fused math without 
 
 
 # ---------------------------------------------------------------------------------------------
-# Derived figures and targets
+# 1. Deriving: ratios between the contenders of a case
 # ---------------------------------------------------------------------------------------------
 def _by_case(records: list[dict]) -> dict[str, dict[str, dict]]:
     out: dict[str, dict[str, dict]] = defaultdict(dict)
@@ -99,6 +105,9 @@ def derive(records: list[dict]) -> list[dict]:
     return records
 
 
+# ---------------------------------------------------------------------------------------------
+# 2. Judging: the targets this run can judge
+# ---------------------------------------------------------------------------------------------
 def _saved_bound(case: dict) -> int:
     """The most the fused design may save: its input x, one T×r u (fp32 at most) and the seed."""
     loc = Case(**case).local
@@ -110,7 +119,7 @@ def _spread(vals: list[float]) -> dict:
             "cases": len(vals)}
 
 
-def targets(records: list[dict]) -> dict:
+def judge(records: list[dict]) -> dict:
     """Judge the targets that ``records`` can judge; say why for the others.
 
     Structural targets hold on any device: the fused LoRA adds no collective where the unfused
@@ -127,7 +136,7 @@ def targets(records: list[dict]) -> dict:
         ``met`` is None when nothing was judged.
 
     Example:
-        >>> t = targets([])
+        >>> t = judge([])
         >>> t["gpu_speedup"]["judged"], t["collectives"]["met"]
         (False, None)
     """
@@ -197,7 +206,7 @@ def targets(records: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Text
+# 3. Rendering: the text python -m bench prints
 # ---------------------------------------------------------------------------------------------
 def _ms(t: dict) -> str:
     return f"{t['median']:8.3f} [{t['p20']:.3f}, {t['p80']:.3f}]"
@@ -367,7 +376,7 @@ def format_targets(t: dict) -> str:
     """The verdicts a reader should take from this run, with their numbers; the rest, with the reason.
 
     Example:
-        >>> "GPU speed targets" in format_targets(targets([]))
+        >>> "GPU speed targets" in format_targets(judge([]))
         True
     """
     word = {True: "MET", False: "MISSED"}
@@ -427,8 +436,50 @@ def format_targets(t: dict) -> str:
     return "\n".join(lines)
 
 
+def render(meta: dict, records: list[dict], tgt: dict, *, started: datetime, wall: float, files: list[Path],
+           quick: bool = False) -> str:
+    """Everything ``python -m bench`` prints after a run, in order.
+
+    Args:
+        meta: the run's metadata (``collect_meta`` plus the run's ``device``, ``backend``,
+            ``config`` and the load average).
+        records: the derived records.
+        tgt: ``judge``'s verdicts.
+        started: when the run began (UTC).
+        wall: the run's wall time in seconds.
+        files: what ``write`` wrote.
+        quick: a ``--quick`` smoke run (says its times mean nothing).
+
+    Returns:
+        The text: a header line, a load warning where other work shared the CPU, the table, the
+        multi-adapter cases, the backends, the legend, the verdicts and the files written.
+    """
+    c, m, git = meta["config"], meta["machine"], meta["git"]
+    lines = [f"tplora bench  {started:%Y-%m-%d %H:%M} UTC  device={meta['device']} backend={','.join(meta['backend'])} "
+             f"dtype={c['dtype']} T={c['tokens']} K={c['d_in']} N={c['d_out']} r={c['r']}  "
+             f"commit={(git['commit'] or '?')[:10]}{'+dirty' if git['dirty'] else ''}  wall {wall:.0f}s  "
+             f"load {m['loadavg_1m']}"]
+    cores = m["cores"] or 1
+    if meta["device"] == "cpu" and max((x for x in m["loadavg_1m"] if x is not None), default=0) > cores:
+        lines.append(f"WARNING: the load average exceeded the {cores} cores during the run: other work shared the "
+                     "CPU, so the times below are inflated and noisy (ratios between contenders of a case hold up "
+                     "best).")
+    lines.append(format_table(records))
+    if multi := format_multi(records):
+        lines.append(multi)
+    lines += [format_backends(meta, records), format_legend(records), ""]
+    if any(r["contender"] == "fused" for r in records):
+        lines.append(format_targets(tgt))
+    else:
+        lines.append("Verdicts: none; they judge the single-adapter cases, and --multi only ran none.")
+    if quick:
+        lines.append("--quick: a smoke run; at T=K=N=64 fixed per-call costs dominate, so its times mean nothing.")
+    lines.append(f"\nwrote {', '.join(str(f) for f in files)}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
-# Files
+# 4. Writing: the run's metadata, bench.json, bench.csv and the plot
 # ---------------------------------------------------------------------------------------------
 def _git(*args: str) -> str | None:
     try:
@@ -617,3 +668,25 @@ def plot(path: Path, records: list[dict], title: str = "") -> bool:
 
 _PLOT_LABEL = {"reference": "reference (our emulation of PEFT's structure)",
                "peft": "peft (PEFT's own LoraParallelLinear)", "fused": "fused (tplora_kernels)"}
+
+
+def write(out_dir: Path, meta: dict, records: list[dict], tgt: dict, *, plot_png: bool = True) -> list[Path]:
+    """Write ``bench.json``, ``bench.csv`` and (``plot_png``, with matplotlib) ``bench.png`` under ``out_dir``.
+
+    Args:
+        out_dir: created if missing.
+        meta: the run's metadata (the JSON header; the plot's title).
+        records: the derived records.
+        tgt: ``judge``'s verdicts.
+        plot_png: draw the plot.
+
+    Returns:
+        The files written, in that order.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "bench.json", meta, records, tgt)
+    write_csv(out_dir / "bench.csv", records)
+    files = [out_dir / "bench.json", out_dir / "bench.csv"]
+    if plot_png and plot(out_dir / "bench.png", records, plot_title(meta, records)):
+        files.append(out_dir / "bench.png")
+    return files

@@ -42,12 +42,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import socket
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+
+from tplora_kernels.testing import launch
+from tplora_kernels.testing.numerics import FP32_BAR, rel_err
 
 from . import peft_layer
 from .cases import DTYPES, SCALE, Case, build, min_bytes, model_flops, roofline_ms
@@ -322,8 +322,8 @@ def _checks(built, case: Case, group) -> dict[str, float]:
 
     def rel(y, p, dropout):
         y_r = ref(x, w, a.float(), b.float(), scale=SCALE, dropout_p=p, seed=0x5EED, sequence_parallel=sp,
-                  group=group, dropout=dropout, **mode).float()
-        return float((y.float() - y_r).abs().max() / y_r.abs().max().clamp_min(1e-30))
+                  group=group, dropout=dropout, **mode)
+        return rel_err(y, y_r)
 
     with torch.no_grad():
         out = {"fused": rel(built.contenders["fused"](), case.p, "philox")}
@@ -401,16 +401,13 @@ def _cublas(case: Case, built, cfg: RunConfig) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Rank side
 # ---------------------------------------------------------------------------------------------
-def _rank_main(rank: int, world: int, port: int, cfg_d: dict, case_ds: list[dict], queue) -> None:
-    """Entry point of one spawned rank: run every case, rank 0 reports through ``queue``."""
-    try:
-        _rank_body(rank, world, port, RunConfig(**cfg_d), [Case(**c) for c in case_ds], queue)
-    except BaseException:
-        queue.put(("error", rank, traceback.format_exc()))
-        raise
+def _rank_main(rank: int, world: int, cfg_d: dict, case_ds: list[dict], queue) -> None:
+    """Entry point of one spawned rank (its process group already up): run every case, rank 0
+    reports through ``queue``."""
+    _rank_body(rank, world, RunConfig(**cfg_d), [Case(**c) for c in case_ds], queue)
 
 
-def _rank_body(rank: int, world: int, port: int, cfg: RunConfig, cases: list[Case], queue) -> None:
+def _rank_body(rank: int, world: int, cfg: RunConfig, cases: list[Case], queue) -> None:
     import warnings
 
     import torch
@@ -419,22 +416,11 @@ def _rank_body(rank: int, world: int, port: int, cfg: RunConfig, cases: list[Cas
     # torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor (the package's
     # calls); one warning per rank per call site would bury the progress bar.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    timeout = timedelta(seconds=cfg.pg_timeout_s)
-    multi = cfg.device == "cpu" or world > 1  # CPU: a real gloo group even at TP 1
     if cfg.device == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(cfg.threads or max(1, cores // world))
         device = torch.device("cpu")
-        if multi:
-            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     else:
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-        if multi:
-            dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timeout,
-                                    device_id=device)
     group = dist.group.WORLD if dist.is_initialized() else None
     lora_dtype = getattr(torch, DTYPES[cfg.lora_dtype]) if cfg.lora_dtype else None
     peft = cfg.peft and any(peft_layer.unsupported(c, device.type, group is not None) is None for c in cases)
@@ -450,9 +436,6 @@ def _rank_body(rank: int, world: int, port: int, cfg: RunConfig, cases: list[Cas
     finally:
         if peft:
             peft_layer.shutdown_parallel_state()
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
 
 
 def _gather_max(obj, world: int):
@@ -469,9 +452,8 @@ def _gather_max(obj, world: int):
 
 
 # A multi-adapter case's mixed and sequential contenders run the same math in the same dtype: in
-# fp32 they differ by summation order only (the test suite's fp32 bar); a 16-bit result by its
+# fp32 they differ by summation order only (the tolerance rule's fp32 bar); a 16-bit result by its
 # rounding, at most half an ulp of the largest value on each side.
-_AGREE_FP32 = 1e-5
 
 
 def agree_bar(dtype: str) -> float:
@@ -483,7 +465,7 @@ def agree_bar(dtype: str) -> float:
     """
     import torch
 
-    return _AGREE_FP32 if dtype == "fp32" else float(torch.finfo(getattr(torch, DTYPES[dtype])).eps)
+    return FP32_BAR if dtype == "fp32" else float(torch.finfo(getattr(torch, DTYPES[dtype])).eps)
 
 
 def _verify(built, case: Case, world: int) -> dict[str, float]:
@@ -504,7 +486,7 @@ def _backends_ran(built, backend: str, device, group) -> dict[str, str]:
     warm-up's first call. A key no call made would start a new measurement: the bench's key
     would then not be the package's, so that is an error, not a guess.
     """
-    from tplora_kernels.backends import get_backend
+    from tplora_kernels import get_backend
     from tplora_kernels.ops import select
 
     before = len(select.decisions())
@@ -592,16 +574,25 @@ def _case(rank, world, ci, case: Case, cfg: RunConfig, device, group, lora_dtype
 # ---------------------------------------------------------------------------------------------
 # Parent side
 # ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _world_of(case: Case, cfg: RunConfig) -> int:
     if case.emulated:
         return 1
     return case.tp
+
+
+def _threads(cfg: RunConfig, world: int) -> int | None:
+    """Intra-op threads per CPU rank: ``cfg.threads``, or the cores shared out (None on CUDA: torch's own)."""
+    if cfg.device != "cpu":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cfg.threads or max(1, cores // world)
+
+
+def _pg_backend(cfg: RunConfig, world: int) -> str | None:
+    """gloo on CPU (a real group even at TP 1), NCCL across GPUs, none for one GPU."""
+    if cfg.device == "cpu":
+        return "gloo"
+    return "nccl" if world > 1 else None
 
 
 def run_cases(cases: list[Case], cfg: RunConfig, on_event=None, info: dict | None = None) -> list[dict]:
@@ -622,29 +613,23 @@ def run_cases(cases: list[Case], cfg: RunConfig, on_event=None, info: dict | Non
     Raises:
         RuntimeError: a rank failed (its traceback is in the message).
     """
-    import torch.multiprocessing as mp
+    import multiprocessing
 
     groups: dict[int, list[int]] = {}
     for i, c in enumerate(cases):
         groups.setdefault(_world_of(c, cfg), []).append(i)
     results: dict[int, list[dict]] = {}
     for world, idx in groups.items():
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
+        queue = multiprocessing.get_context("spawn").Queue()
         sub = [asdict(cases[i]) for i in idx]
-        pc = mp.spawn(_rank_main, args=(world, _free_port(), asdict(cfg), sub, queue), nprocs=world, join=False)
-        errors: list[str] = []
 
-        def drain(queue=queue, idx=idx, errors=errors):
+        def drain(queue=queue, idx=idx):
             while True:
                 try:
                     msg = queue.get_nowait()
                 except Exception:  # queue.Empty, or a closed queue after a crash
                     return
                 kind = msg[0]
-                if kind == "error":
-                    errors.append(f"rank {msg[1]}:\n{msg[2]}")
-                    continue
                 if kind == "decisions":
                     if info is not None:
                         info.setdefault("gemm_decisions", {})[f"world={msg[1]}"] = msg[3]
@@ -656,14 +641,12 @@ def run_cases(cases: list[Case], cfg: RunConfig, on_event=None, info: dict | Non
                     on_event(kind, idx[local], label, payload)
 
         try:
-            while not pc.join(timeout=0.2):
-                drain()
-        except Exception as e:
+            # No deadline: a case takes what it takes; a hung collective ends at the group's timeout.
+            launch.spawn_world(_rank_main, world, args=(world, asdict(cfg), sub, queue), timeout=None,
+                               backend=_pg_backend(cfg, world), pg_timeout_s=cfg.pg_timeout_s,
+                               threads=_threads(cfg, world), keep="none", poll=drain, name=f"bench world={world}",
+                               exit_hard=False)
+        except launch.WorldFailed as e:
             drain()
-            raise RuntimeError(f"a bench rank failed (world={world}): {e}\n" + "\n".join(errors)) from e
-        finally:  # Ctrl-C or a failure: leave no rank behind
-            for proc in pc.processes:
-                if proc.is_alive():
-                    proc.terminate()
-        drain()
+            raise RuntimeError(f"a bench rank failed (world={world}): {e}") from e
     return [r for i in sorted(results) for r in results[i]]

@@ -90,6 +90,6 @@ def _report(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    from _launch import run  # examples/ is on sys.path when this file is run as a script
+    from tplora_kernels.testing.launch import run_script  # two gloo ranks here, or torchrun's
 
-    run(main, _report)
+    run_script(main, _report)

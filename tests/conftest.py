@@ -21,7 +21,9 @@ if not torch.cuda.is_available():
 import pytest
 from hypothesis import HealthCheck, settings
 
-from .harness import DistPool, descendants, kill_all
+from tplora_kernels.testing.launch import RankPool, descendants, kill_all
+
+from .support.harness import TP_SIZES, WORLD
 
 # Examples cost a multi-rank forward+backward under the interpreter: no deadline, no
 # too-slow health check. `derandomize` makes CI runs reproducible; locally set
@@ -38,8 +40,8 @@ LEFTOVER_GRACE_S = 10.0  # processes that are ending (a killed rank's children) 
 
 @pytest.fixture(scope="session")
 def dist_pool():
-    """The session's gloo ranks (see tests/harness.py)."""
-    pool = DistPool()
+    """The session's gloo ranks (see tests/support/harness.py)."""
+    pool = RankPool(WORLD, TP_SIZES)
     yield pool
     pool.close()
 

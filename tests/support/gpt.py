@@ -1,9 +1,9 @@
 """A tiny megatron-core ``GPTModel`` (local spec) trained with LoRA in real gloo worlds.
 
-The test process calls ``run_world(t, tasks, tmp)``: it spawns a fresh world of ``t`` gloo ranks,
-each initialises megatron's ``parallel_state`` with TP = t, installs the CPU shims
-(``megatron_shims.megatron_on_cpu``) and runs every task in order; each rank saves
-``{label: result}`` and the test process reads them back. A task is the name of a function
+The test process calls ``run_world(t, tasks, tmp)``: it spawns a fresh world of ``t`` gloo ranks
+(``tplora_kernels.testing.launch.spawn_world``), each initialises megatron's ``parallel_state``
+with TP = t, installs the CPU shims (``megatron_shims.megatron_on_cpu``) and runs every task in
+order; each rank's ``{label: result}`` comes back to the test process. A task is the name of a function
 in this module (or ``"package.module:function"``), called as ``fn(**kwargs)`` on every rank; an
 exception becomes a ``TaskError`` result for that label (so one broken configuration does not
 hide the others).
@@ -16,17 +16,26 @@ i, i+t, ...), proven on the base weights (``base_task``), and a LoRA factor is g
 
 from __future__ import annotations
 
-import math
+import importlib
 import os
-import socket
 import time
 import traceback
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer import TransformerConfig
+
+import tplora_kernels
+from tplora_kernels.testing import launch
+from tplora_kernels.testing.numerics import abs_err, max_rel_err, rel_err
+
+from .megatron_shims import megatron_on_cpu
 
 SEED = 1234  # base weights, LoRA factors and Megatron's RNG tracker
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ, MBS = 2, 64, 4, 128, 128, 16, 2
@@ -124,11 +133,6 @@ def build_gpt(*, sp: bool = False, gated: bool = False, recompute: str | None = 
     ``use_cpu_initialization`` builds every full weight from the CPU generator and keeps this
     rank's slice, so the base model is the same at every TP size.
     """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
     t = parallel_state.get_tensor_model_parallel_world_size()
     extra = {}
     if recompute == "full":
@@ -187,21 +191,15 @@ def train_steps(model, opt, steps: int, out: dict) -> None:
 
 def seed_rng(seed: int = SEED) -> None:
     """Megatron's seeding: default generator and tracker states, so every evaluation draws alike."""
-    from megatron.core import tensor_parallel
-
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def tp_group():
-    from megatron.core import parallel_state
-
     return parallel_state.get_tensor_model_parallel_group()
 
 
 # -- adapters ----------------------------------------------------------------------------------
 def lora_config(case: Case, **overrides):
-    import tplora_kernels
-
     kw = dict(r=8, lora_alpha=ALPHA, lora_dropout=case.dropout, init_lora_weights=False, target_modules=list(TARGETS),
               backend=case.backend)
     kw.update(overrides)
@@ -210,13 +208,12 @@ def lora_config(case: Case, **overrides):
 
 def adapt(model, case: Case, *, lora_seed: int = SEED + 1):
     """Add the adapter (apply_lora or PEFT); returns the model to train (a PeftModel for PEFT)."""
-    import tplora_kernels
-
     torch.manual_seed(lora_seed)  # the full factors, drawn alike at every TP size
     if case.via == "apply_lora":
         tplora_kernels.apply_lora(model, lora_config(case))
         return model
     if case.via == "peft":
+        # Local: peft (and the transformers it imports) would cost every rank of every world seconds.
         import peft
 
         import tplora_kernels.peft as tpeft
@@ -230,15 +227,11 @@ def adapt(model, case: Case, *, lora_seed: int = SEED + 1):
 
 def lora_layers(model) -> list[tuple[str, torch.nn.Module]]:
     """(plain dotted name, module) of every LoRA layer, names without PEFT's prefix."""
-    from tplora_kernels.checkpoint import lora_modules
-
-    return [(name.removeprefix("base_model.model."), m) for name, m in lora_modules(model)]
+    return [(name.removeprefix("base_model.model."), m) for name, m in tplora_kernels.lora_modules(model)]
 
 
 def _sharded_factor(m) -> tuple[str, int, int]:
     """(which factor is TP-sharded, its dim, its stride), read from the base weight (the oracle)."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-
     w = m.base_layer.weight
     which = "B" if isinstance(m.base_layer, ColumnParallelLinear) else "A"
     if w is None:
@@ -267,8 +260,6 @@ def layout_report(model) -> dict:
 
     ``gather_full_factors_diff`` compares the library's own gather with ``gather_by_rule``.
     """
-    import tplora_kernels
-
     out = {}
     for name, m in lora_layers(model):
         which, dim, stride = _sharded_factor(m)
@@ -277,14 +268,11 @@ def layout_report(model) -> dict:
         ours = gather_by_rule(p, dim, stride, tp_group())
         out[name] = dict(which=which, base_dim=dim, base_stride=stride, dim=getattr(p, "partition_dim", None),
                          stride=getattr(p, "partition_stride", None),
-                         gather_full_factors_diff=float((lib - ours).abs().max()) if lib.shape == ours.shape
-                         else math.inf)
+                         gather_full_factors_diff=abs_err(lib, ours))
     return out
 
 
 def sum_sp_grads(model) -> None:
-    import tplora_kernels
-
     tplora_kernels.sum_sequence_parallel_grads(model.parameters(), tp_group())
 
 
@@ -367,7 +355,7 @@ def finite_difference(model, names: list[str] | None, *, seed: int = SEED + 7, e
     for p in params.values():
         p.grad = None
     a, n = torch.tensor(analytic, dtype=torch.float64), torch.tensor(numeric, dtype=torch.float64)
-    return dict(analytic=analytic, numeric=numeric, rel_err=float((a - n).norm() / n.norm().clamp_min(1e-30)))
+    return dict(analytic=analytic, numeric=numeric, rel_err=rel_err(a, n, norm="l2"))
 
 
 # -- tasks (run on every rank of a world) ------------------------------------------------------
@@ -387,8 +375,6 @@ def base_task() -> dict:
 
 def shim_task() -> dict:
     """Facts about the CPU shims that the suite relies on, measured on this rank."""
-    from megatron.core import tensor_parallel
-
     rank = dist.get_rank(tp_group())
 
     def first_draws(seed: int, n: int = 2) -> list[float]:
@@ -474,10 +460,6 @@ def _model_state(model) -> dict:
 
 def save_task(path: str) -> dict:
     """Train the gated model's adapter one step, then save it with save_adapter and with dist_checkpointing."""
-    from megatron.core import dist_checkpointing
-
-    import tplora_kernels
-
     model = adapt(build_gpt(gated=True), CKPT_CASE)
     seed_rng()
     lm_loss(model).backward()
@@ -493,10 +475,6 @@ def save_task(path: str) -> dict:
 
 def load_task(path: str, sp: bool) -> dict:
     """Load what ``save_task`` wrote into fresh models whose adapters (and, for dist, base) differ."""
-    from megatron.core import dist_checkpointing
-
-    import tplora_kernels
-
     out = {}
     model = adapt(build_gpt(gated=True, sp=sp), CKPT_CASE, lora_seed=SEED + 11)
     out["peft_before"] = factor_tensors(model)
@@ -519,8 +497,6 @@ def _snapshot(model) -> dict:
 
 def all_or_nothing_task() -> dict:
     """apply_lora with one bad per-module value: the error, and whether the model changed."""
-    import tplora_kernels
-
     out = {}
     bad = {"rank_pattern": dict(rank_pattern={"linear_fc2": 0}),
            "alpha_pattern": dict(alpha_pattern={"linear_proj": float("nan")})}
@@ -538,8 +514,6 @@ def all_or_nothing_task() -> dict:
 
 def tied_task(sp: bool = False) -> dict:
     """GPTModel with a tied output layer, every parallel linear targeted; trains if wrapped."""
-    import tplora_kernels
-
     model = build_gpt(tied=True, sp=sp)
     seed_rng()
     base_loss = float(lm_loss(model))
@@ -563,8 +537,6 @@ def tied_task(sp: bool = False) -> dict:
 
 def freeze_task() -> dict:
     """requires_grad of every parameter after apply_lora, by default and with freeze=False."""
-    import tplora_kernels
-
     model = build_gpt()
     tplora_kernels.apply_lora(model, lora_config(Case()))
     default = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -578,8 +550,6 @@ def freeze_task() -> dict:
 
 def state_dict_task() -> dict:
     """A plain state_dict of the un-adapted base model, loaded into an adapted model of other weights."""
-    import tplora_kernels
-
     base_sd = build_gpt(gated=True).state_dict()
     model = build_gpt(gated=True, seed=SEED + 5)
     tplora_kernels.apply_lora(model, lora_config(Case(gated=True)))
@@ -624,94 +594,36 @@ def _task_fn(name: str):
     """A task by name: a function of this module, or ``"package.module:function"`` elsewhere."""
     if ":" not in name:
         return globals()[name]
-    import importlib
-
     module, _, fn = name.partition(":")
     return getattr(importlib.import_module(module), fn)
 
 
-def _rank_main(rank: int, world: int, port: int, tasks: list, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)  # t ranks share 2 cores: oversubscribed intra-op threads only slow them
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=PG_TIMEOUT_S))
-    from megatron.core import parallel_state
-
-    from .megatron_shims import megatron_on_cpu
-
+def _run_tasks(rank: int, tasks: list) -> dict:
+    """One rank of a ``run_world`` world: megatron's parallel state at TP = world, then every task in order."""
     results: dict = {}
-    try:
-        with megatron_on_cpu(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            parallel_state.initialize_model_parallel(world)
-            for label, fn_name, kwargs in tasks:
-                start = time.monotonic()
-                with open(os.path.join(out_dir, f"rank{rank}.log"), "a") as log:  # names the task a hang is in
-                    log.write(f"{label}\n")
-                try:
-                    results[label] = _task_fn(fn_name)(**kwargs)
-                except Exception as e:
-                    results[label] = TaskError(rank, f"{label}: {type(e).__name__}: {e}", traceback.format_exc())
-                results.setdefault("_seconds", {})[label] = time.monotonic() - start
-            parallel_state.destroy_model_parallel()
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-        _end_children()
-    # Saved: leave without interpreter teardown (megatron's checkpoint writer can leave a joinable
-    # C++ thread whose destructor aborts the process at exit, after the work is done).
-    os._exit(0)
-
-
-def _end_children() -> None:
-    """End the processes this rank started and still holds.
-
-    dist_checkpointing's writer keeps a multiprocessing Manager (its results queue) in a module
-    global; only interpreter teardown, which ``os._exit`` skips, would stop it, and it would
-    outlive the test.
-    """
-    import multiprocessing
-
-    for child in multiprocessing.active_children():
-        child.terminate()
-        child.join(timeout=5)
-        if child.is_alive():
-            child.kill()
-
-
-def _last_line(path: str) -> str | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        lines = f.read().splitlines()
-    return lines[-1] if lines else None
+    with megatron_on_cpu(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parallel_state.initialize_model_parallel(dist.get_world_size())
+        for label, fn_name, kwargs in tasks:
+            start = time.monotonic()
+            launch.note(label)  # names the task a hang is in
+            try:
+                results[label] = _task_fn(fn_name)(**kwargs)
+            except Exception as e:
+                results[label] = TaskError(rank, f"{label}: {type(e).__name__}: {e}", traceback.format_exc())
+            results.setdefault("_seconds", {})[label] = time.monotonic() - start
+        parallel_state.destroy_model_parallel()
+    return results
 
 
 def run_world(t: int, tasks: list[tuple[str, str, dict]], out_dir: str, timeout: float = 240.0) -> list[dict]:
     """Spawn ``t`` gloo ranks with TP = t, run ``tasks`` (label, function name, kwargs) on each.
 
-    Returns one ``{label: result | TaskError}`` per rank. Every rank is joined, or killed once
-    ``timeout`` seconds have passed, before this returns or raises.
+    Returns one ``{label: result | TaskError}`` per rank. Every rank, and what it started, is gone
+    once this returns or raises; a timeout names the task each rank had reached.
     """
-    import torch.multiprocessing as mp
-
-    os.makedirs(out_dir, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_rank_main, args=(t, port, tasks, out_dir), nprocs=t, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"TP={t} world did not finish within {timeout}s; tasks reached per rank: "
-                                   f"{[_last_line(os.path.join(out_dir, f'rank{r}.log')) for r in range(t)]}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=5)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(t)]
+    return launch.spawn_world(_run_tasks, t, args=(tasks,), timeout=timeout, pg_timeout_s=PG_TIMEOUT_S,
+                              workdir=out_dir, name=f"TP={t} world")
 
 
 def cases_for(t: int) -> list[Case]:
@@ -744,18 +656,7 @@ def train_tasks(cases: list[Case]) -> list[tuple[str, str, dict]]:
     return [(c.label, "train_task", dict(case=asdict(c))) for c in cases]
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|b| (0 when both are 0)."""
-    scale = float(b.abs().max())
-    diff = float((a - b).abs().max())
-    return diff / scale if scale else diff
-
-
-def max_rel(a: dict, b: dict) -> tuple[float, str]:
-    """The largest ``rel`` over the shared keys of two tensor dicts, and its key."""
-    worst = max(((rel(a[k], b[k]), k) for k in b), default=(0.0, ""))
-    return worst if math.isfinite(worst[0]) else (math.inf, worst[1])
-
+max_rel = max_rel_err  # the largest relative error over two dicts of tensors, and its key (suites call G.max_rel)
 
 
 def report(worlds: dict[int, list[dict]]) -> str:
@@ -772,8 +673,8 @@ def report(worlds: dict[int, list[dict]]) -> str:
             want = ref.get(case.reference().label)
             drift = " ".join(f"{abs(a - b) / abs(b):.1e}" for a, b in zip(got["losses"], want["losses"]))
             fd = [f"{got[k]['rel_err']:.1e}" if k in got else "-" for k in ("fd_all", "fd_one")]
-            lines.append(f"{f'tp{t} {label}':44s} {drift:28s} {max_rel(got['grads0'], want['grads0'])[0]:8.1e} "
-                         f"{max_rel(got['final'], want['final'])[0]:8.1e} {fd[0]:>8s} {fd[1]:>8s}")
+            lines.append(f"{f'tp{t} {label}':44s} {drift:28s} {max_rel_err(got['grads0'], want['grads0'])[0]:8.1e} "
+                         f"{max_rel_err(got['final'], want['final'])[0]:8.1e} {fd[0]:>8s} {fd[1]:>8s}")
     return "\n".join(lines)
 
 

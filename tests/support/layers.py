@@ -7,9 +7,12 @@ shards cut) with ``tplora_kernels.layout``'s rule.
 
 from __future__ import annotations
 
+import megatron.core as mc
 import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
+from tplora_kernels import ColumnParallelLoRA, RowParallelLoRA
 from tplora_kernels import distributed as D
 from tplora_kernels.layout import layout_for
 
@@ -22,8 +25,6 @@ K, H = 16, 24  # the toy MLP's width and hidden size (both divisible by 4)
 
 
 def mp_config(tp: int, sp: bool = False, dtype: torch.dtype = torch.float32):
-    import megatron.core as mc
-
     return mc.ModelParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp, use_cpu_initialization=True,
                                   params_dtype=dtype)
 
@@ -32,8 +33,6 @@ def column(group, tp: int, k: int, n: int, *, sp: bool = False, cls=None, seed: 
            dtype: torch.dtype = torch.float32, gather_output: bool = False, skip_bias_add: bool = False,
            init=nn.init.xavier_normal_):
     """A megatron ``ColumnParallelLinear`` k -> n on ``group`` (``cls``: a subclass); ``seed=None`` leaves the RNG."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-
     if seed is not None:
         torch.manual_seed(seed)
     return (cls or ColumnParallelLinear)(k, n, config=mp_config(tp, sp, dtype), init_method=init, bias=bias,
@@ -44,8 +43,6 @@ def row(group, tp: int, k: int, n: int, *, sp: bool = False, cls=None, seed: int
         dtype: torch.dtype = torch.float32, input_is_parallel: bool = True, skip_bias_add: bool = False,
         init=nn.init.xavier_normal_):
     """A megatron ``RowParallelLinear`` k -> n on ``group`` (``cls``: a subclass); ``seed=None`` leaves the RNG."""
-    from megatron.core.tensor_parallel import RowParallelLinear
-
     if seed is not None:
         torch.manual_seed(seed)
     return (cls or RowParallelLinear)(k, n, config=mp_config(tp, sp, dtype), init_method=init, bias=bias,
@@ -81,8 +78,6 @@ class DenseMLP(nn.Module):
 
 def lora_pair(group, tp: int, dropout: float = 0.1):
     """A ColumnParallelLoRA K->H and a RowParallelLoRA H->K (r=4, alpha=8, B non-zero, torch backend)."""
-    from tplora_kernels import ColumnParallelLoRA, RowParallelLoRA
-
     col = ColumnParallelLoRA(column(group, tp, K, H), r=4, lora_alpha=8, lora_dropout=dropout,
                              init_lora_weights=False, backend="torch")
     rw = RowParallelLoRA(row(group, tp, H, K), r=4, lora_alpha=8, lora_dropout=dropout,
@@ -91,8 +86,6 @@ def lora_pair(group, tp: int, dropout: float = 0.1):
 
 
 def _base_and_layout(layer):
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-
     base = getattr(layer, "base_layer", layer)
     return base, layout_for("column" if isinstance(base, ColumnParallelLinear) else "row")
 
@@ -143,7 +136,7 @@ def split_rows(x: torch.Tensor, group) -> torch.Tensor:
 
 def peft_config(**kw):
     """A PEFT ``LoraConfig`` registered with our dispatcher (``backend=`` passed to ``register``)."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # local: peft is optional, and costs seconds wherever it is imported
 
     import tplora_kernels.peft as tpeft
 

@@ -4,7 +4,7 @@ Megatron side: a ``GPTModel`` (local spec) shaped like the Hugging Face architec
 SwiGLU, RoPE (``rotary_interleaved=False``, HF's ``rotate_half``), grouped-query attention, no
 linear biases (Qwen2: q/k/v biases), no dropout; Mixtral: a top-2 softmax router over
 ``SequentialMLP`` experts. ``hf_state_dict`` converts its full base weights into the HF model's
-state dict by Megatron's own layout (written here, independently of ``tplora_kernels.hf``), so
+state dict by Megatron's own layout (written here, independently of ``tplora_kernels.adapter_io``), so
 the base models agree before any adapter is involved (checked by the tests).
 
 What the comparison relies on (megatron-core 0.16.1, transformers 5.24.0, on CPU):
@@ -24,10 +24,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe import moe_utils
+
+import tplora_kernels
+from tplora_kernels.naming import canonical_name
 
 from . import gpt as G
 
@@ -44,19 +53,12 @@ HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # -- Megatron ----------------------------------------------------------------------------------
 def build_megatron(arch: str = "llama", *, tied: bool = False, seed: int = G.SEED):
     """The Megatron twin of ``arch`` at the current TP size (SP on for MoE under TP > 1, as Megatron wants)."""
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     t = parallel_state.get_tensor_model_parallel_world_size()
     moe = arch == "mixtral"
     extra = {}
     if moe:
-        from megatron.core.transformer.moe import moe_utils
-
         # megatron-core 0.16.1 reads the name te_general_gemm that it only defines when Transformer
         # Engine imports; None is what it means by "no TE" (the router then uses torch.mm).
         if not hasattr(moe_utils, "te_general_gemm"):
@@ -102,8 +104,6 @@ def tensor_parallel(t: int, ep: int = 1):
     The ranks left over are data-parallel replicas. The state stays for the next task: building
     megatron's process groups is most of a small task's cost, so the tests order their tasks by size.
     """
-    from megatron.core import parallel_state
-
     if (parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_expert_model_parallel_world_size()) != (t, ep):
         parallel_state.destroy_model_parallel()
@@ -120,8 +120,6 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 
 
 def _group_of(name: str):
-    from megatron.core import parallel_state
-
     return parallel_state.get_expert_tensor_parallel_group() if ".local_experts." in name else G.tp_group()
 
 
@@ -130,10 +128,6 @@ def _all_experts(tensors: dict) -> dict:
 
     Megatron's rule: EP rank ``k`` holds experts ``k*n .. k*n + n-1`` as ``local_experts.0 .. n-1``.
     """
-    import re
-
-    from megatron.core import parallel_state
-
     ep, k = parallel_state.get_expert_model_parallel_world_size(), parallel_state.get_expert_model_parallel_rank()
     if ep == 1 or not any(".local_experts." in n for n in tensors):
         return tensors
@@ -188,6 +182,8 @@ def hf_state_dict(full: dict[str, torch.Tensor], arch: str, *, tied: bool = Fals
 
 def hf_model(arch: str, full: dict[str, torch.Tensor] | None = None, *, tied: bool = False):
     """The HF twin (fp32, eager attention, eval), with Megatron's weights when ``full`` is given."""
+    # transformers and peft stay local here and below: only the test process builds the HF side,
+    # and a top-level import would cost every rank that imports this module for its tasks seconds.
     import transformers
 
     common = dict(vocab_size=G.VOCAB, hidden_size=G.HIDDEN, intermediate_size=G.FFN, num_hidden_layers=G.LAYERS,
@@ -269,8 +265,6 @@ MEGATRON_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 def adapt(model, *, targets=MEGATRON_TARGETS, seed: int = G.SEED + 1, **overrides):
     """apply_lora (torch backend, random non-zero factors drawn alike at every TP size)."""
-    import tplora_kernels
-
     torch.manual_seed(seed)
     kw = dict(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False, target_modules=list(targets),
               backend="torch")
@@ -281,10 +275,7 @@ def adapt(model, *, targets=MEGATRON_TARGETS, seed: int = G.SEED + 1, **override
 
 def megatron_factors(model) -> dict[str, dict]:
     """Every LoRA layer's full A, B and scale by global module name (every rank of each TP group calls it)."""
-    import tplora_kernels
-    from tplora_kernels.checkpoint import global_module_names
-
-    names, _ = global_module_names(model)
+    names = {n: canonical_name(model, n) for n, _ in tplora_kernels.lora_modules(model)}
     out = {}
     for name, m in tplora_kernels.lora_modules(model):
         a, b = tplora_kernels.gather_full_factors(m, m.active_adapter)
@@ -292,7 +283,7 @@ def megatron_factors(model) -> dict[str, dict]:
         out[name] = dict(a=a, b=b, scale=opts.scaling, r=opts.r, alpha=opts.lora_alpha)
     out = _all_experts(out)  # the test's own global naming, beside the library's
     if not set(names.values()) <= set(out):
-        raise AssertionError(f"global_module_names gives {sorted(set(names.values()) - set(out))[:3]}, not "
+        raise AssertionError(f"canonical_name gives {sorted(set(names.values()) - set(out))[:3]}, not "
                              "megatron's expert numbering")
     return out
 
@@ -304,8 +295,6 @@ def export_task(arch: str, path: str, tp: int, ep: int = 1, tied: bool = False,
     Layers get different r and alpha (so the export folds scales) and dropout 0.1 while training;
     Qwen2's use rsLoRA.
     """
-    import tplora_kernels.hf as hf
-
     with tensor_parallel(tp, ep):
         model = build_megatron(arch, tied=tied)
         adapt(model, targets=MEGATRON_TARGETS + (("output_layer",) if tied else ()), lora_dropout=0.1,
@@ -320,7 +309,7 @@ def export_task(arch: str, path: str, tp: int, ep: int = 1, tied: bool = False,
             G.lm_loss(model).backward()
             G.sum_sp_grads(model)
             opt.step()
-        written = {fmt: hf.export_hf_adapter(model, os.path.join(path, fmt), arch=arch, moe_format=fmt)
+        written = {fmt: tplora_kernels.export_hf_adapter(model, os.path.join(path, fmt), arch=arch, moe_format=fmt)
                    for fmt in formats}
         return dict(logits=G.full_logits(model), base=base_weights(model), factors=megatron_factors(model),
                     written=written)
@@ -328,14 +317,11 @@ def export_task(arch: str, path: str, tp: int, ep: int = 1, tied: bool = False,
 
 def import_task(arch: str, path: str, tp: int, ep: int = 1) -> dict:
     """Load the HF PEFT adapter at ``path`` into the ``arch`` twin (with an adapter of its own) at TP = ``tp``."""
-    import tplora_kernels
-    import tplora_kernels.hf as hf
-
     with tensor_parallel(tp, ep):
         model = build_megatron(arch)
         base = G.full_logits(model)
         adapt(model)
-        loaded = hf.load_hf_adapter(model, path, arch=arch, adapter_name="hf")
+        loaded = tplora_kernels.load_hf_adapter(model, path, arch=arch, adapter_name="hf")
         return dict(logits=G.full_logits(model), base_logits=base, loaded=loaded,
                     layers=len(tplora_kernels.lora_modules(model)), factors=megatron_factors(model),
                     base=base_weights(model))
@@ -351,24 +337,23 @@ def _outcome(fn) -> str | None:
 
 def errors_task(adapters: dict[str, str], tmp: str, tp: int = 2) -> dict:
     """Bad calls at TP = ``tp``: each one's error message, and whether the model's factors changed."""
-    import tplora_kernels.hf as hf
-
     out = {}
     with tensor_parallel(tp):
         model = adapt(build_megatron("llama"))
         before = megatron_factors(model)
-        out["arch"] = _outcome(lambda: hf.load_hf_adapter(model, adapters["llama"], arch="gpt2"))
-        out["moe_format"] = _outcome(lambda: hf.export_hf_adapter(model, tmp, arch="llama", moe_format="stacked"))
+        out["arch"] = _outcome(lambda: tplora_kernels.load_hf_adapter(model, adapters["llama"], arch="gpt2"))
+        out["moe_format"] = _outcome(lambda: tplora_kernels.export_hf_adapter(model, tmp, arch="llama",
+                                                                              moe_format="stacked"))
         for what, p in adapters.items():
             if what != "llama":
-                out[what] = _outcome(lambda p=p: hf.load_hf_adapter(model, p, arch="llama"))
+                out[what] = _outcome(lambda p=p: tplora_kernels.load_hf_adapter(model, p, arch="llama"))
         after = megatron_factors(model)
         out["changed"] = sorted(k for k, v in after.items() if not torch.equal(v["b"], before[k]["b"]))
         # No linear_proj LoRA: the file's o_proj tensors find no layer.
         partial = adapt(build_megatron("llama"), targets=("linear_qkv", "linear_fc1", "linear_fc2"))
-        out["unused"] = _outcome(lambda: hf.load_hf_adapter(partial, adapters["llama"], arch="llama"))
-        out["not_strict"] = len(hf.load_hf_adapter(partial, adapters["llama"], arch="llama", strict=False))
+        out["unused"] = _outcome(lambda: tplora_kernels.load_hf_adapter(partial, adapters["llama"], arch="llama"))
+        out["not_strict"] = len(tplora_kernels.load_hf_adapter(partial, adapters["llama"], arch="llama", strict=False))
         plain = adapt(G.build_gpt(gated=False))  # a GELU MLP: no gate_proj/up_proj in Llama
-        out["not_gated"] = _outcome(lambda: hf.export_hf_adapter(plain, tmp, arch="llama"))
+        out["not_gated"] = _outcome(lambda: tplora_kernels.export_hf_adapter(plain, tmp, arch="llama"))
     return out
 

@@ -31,76 +31,73 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 from collections.abc import Iterator
 from unittest import mock
 
 import torch
+from megatron.core.tensor_parallel import random as mrandom
+from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+from megatron.core.transformer import torch_norm
+from megatron.core.transformer.moe import moe_utils
 
 __all__ = ["cpu_tracker_class", "megatron_on_cpu"]
 
 
-@functools.cache
-def cpu_tracker_class():
-    """The CPU tracker class (built on first use, so that importing this module imports no megatron)."""
-    # Subclass megatron's tracker so isinstance checks in megatron (get_all_rng_states) still hold;
-    # get_states/set_states/reset/is_initialized are device-free and inherited unchanged.
-    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+# Subclass megatron's tracker so isinstance checks in megatron (get_all_rng_states) still hold;
+# get_states/set_states/reset/is_initialized are device-free and inherited unchanged.
+class _CPURNGStatesTracker(CudaRNGStatesTracker):
+    """megatron's ``CudaRNGStatesTracker`` with CPU generator states (see the module docstring)."""
 
-    class _CPURNGStatesTracker(CudaRNGStatesTracker):
-        """megatron's ``CudaRNGStatesTracker`` with CPU generator states (see the module docstring)."""
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()  # no cudagraph-safe states on CPU
 
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__()  # no cudagraph-safe states on CPU
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"cuda rng state {name} already exists")
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
 
-        def add(self, name: str, seed: int) -> None:
-            self._is_initialized = True
-            if seed in self.seeds_:
-                raise Exception(f"seed {seed} already exists")
-            self.seeds_.add(seed)
-            if name in self.states_:
-                raise Exception(f"cuda rng state {name} already exists")
-            orig = torch.get_rng_state()
-            torch.manual_seed(seed)
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        # The real fork, with the CPU generator as "the device generator". Its check that the CPU
+        # state did not change inside the fork is dropped: here the CPU generator is the one the
+        # fork is meant to advance.
+        if name not in self.states_:
+            raise Exception(f"cuda rng state {name} is not added")
+        orig_state = torch.get_rng_state()
+        orig_name = self._current_state_name
+        if orig_name != "default-rng":
+            self.states_[orig_name] = orig_state
+        torch.set_rng_state(self.states_[name])
+        self._current_state_name = name
+        try:
+            yield
+        finally:
+            if self._current_state_name != name:
+                raise Exception(f"current state name {self._current_state_name} is not the same as the "
+                                f"desired state name {name}.")
+            # New tensors, never in-place: CheckpointFunction keeps references to old states.
             self.states_[name] = torch.get_rng_state()
-            torch.set_rng_state(orig)
-
-        @contextlib.contextmanager
-        def fork(self, name: str = "model-parallel-rng"):
-            # The real fork, with the CPU generator as "the device generator". Its check that the CPU
-            # state did not change inside the fork is dropped: here the CPU generator is the one the
-            # fork is meant to advance.
-            if name not in self.states_:
-                raise Exception(f"cuda rng state {name} is not added")
-            orig_state = torch.get_rng_state()
-            orig_name = self._current_state_name
             if orig_name != "default-rng":
-                self.states_[orig_name] = orig_state
-            torch.set_rng_state(self.states_[name])
-            self._current_state_name = name
-            try:
-                yield
-            finally:
-                if self._current_state_name != name:
-                    raise Exception(f"current state name {self._current_state_name} is not the same as the "
-                                    f"desired state name {name}.")
-                # New tensors, never in-place: CheckpointFunction keeps references to old states.
-                self.states_[name] = torch.get_rng_state()
-                if orig_name != "default-rng":
-                    orig_state = self.states_[orig_name]
-                torch.set_rng_state(orig_state)
-                self._current_state_name = orig_name
+                orig_state = self.states_[orig_name]
+            torch.set_rng_state(orig_state)
+            self._current_state_name = orig_name
 
+
+def cpu_tracker_class() -> type:
+    """The CPU tracker class (see the module docstring)."""
     return _CPURNGStatesTracker
 
 
 @contextlib.contextmanager
 def megatron_on_cpu() -> Iterator[None]:
     """Install every shim in the module docstring for the duration of the block."""
-    from megatron.core.tensor_parallel import random as mrandom
-    from megatron.core.transformer import torch_norm
-    from megatron.core.transformer.moe import moe_utils
-
     tracker_cls = cpu_tracker_class()
     original_norm_new = torch_norm.WrappedTorchNorm.__new__
 

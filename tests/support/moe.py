@@ -31,12 +31,23 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import warnings
 import zlib
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from safetensors.torch import load_file, save_file
+
+import tplora_kernels
+from tplora_kernels.testing.numerics import max_rel_err, rel_err
 
 from . import gpt as G
 
@@ -91,8 +102,6 @@ REF = Par()
 # -- parallel state and groups ------------------------------------------------------------------
 def set_parallel(par: Par) -> None:
     """Megatron's parallel state for ``par`` (rebuilt only when it changes), and its seeds."""
-    from megatron.core import parallel_state as ps
-
     now = (ps.get_tensor_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size(),
            ps.get_expert_model_parallel_world_size())
     if now != (par.tp, par.etp, par.ep):
@@ -107,14 +116,10 @@ def is_expert(name: str) -> bool:
 
 def group_of(name: str):
     """The group a parameter of module ``name`` is sharded over: expert TP for experts, else TP."""
-    from megatron.core import parallel_state as ps
-
     return ps.get_expert_tensor_parallel_group() if is_expert(name) else G.tp_group()
 
 
 def _ep():
-    from megatron.core import parallel_state as ps
-
     return ps.get_expert_model_parallel_group()
 
 
@@ -141,11 +146,6 @@ def with_all_experts(tensors: dict) -> dict:
 # -- model ----------------------------------------------------------------------------------------
 def build_moe(*, gated: bool = False, seed: int = G.SEED):
     """GPTModel (local spec, fp32) with 4 SequentialMLP experts, top-2, at the current parallel state."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
     t = ps.get_tensor_model_parallel_world_size()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -167,8 +167,6 @@ def build_moe(*, gated: bool = False, seed: int = G.SEED):
 
 def adapt(model, case: MoECase, *, lora_seed: int = LORA_SEED):
     """LoRA (random A and B) on attention and on every expert's linear_fc1/linear_fc2."""
-    import tplora_kernels
-
     torch.manual_seed(lora_seed)
     tplora_kernels.apply_lora(model, G.lora_config(G.Case(dropout=case.dropout, backend=case.backend)))
     if case.fixed_seeds:
@@ -338,7 +336,7 @@ def _fd_along(model, mine: list, seed: int, eps: float, directions: int) -> dict
         return None
     a, n = torch.tensor(analytic, dtype=torch.float64), torch.tensor(numeric, dtype=torch.float64)
     return dict(keys=[k for k, _, _, _ in mine], analytic=analytic, numeric=numeric,
-                rel_err=float((a - n).norm() / n.norm().clamp_min(1e-30)))
+                rel_err=rel_err(a, n, norm="l2"))
 
 
 # -- tasks ----------------------------------------------------------------------------------------------
@@ -401,8 +399,6 @@ def check_sharding(model) -> None:
     go on into the save's next collective and wait for the process group to time out, which
     leaves the world's later tasks out of step. Here every rank learns the verdict.
     """
-    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-
     error = None
     try:
         save_preprocess(model.sharded_state_dict(), validate_access_integrity=True)
@@ -421,10 +417,6 @@ def ckpt_save_task(par: dict, path: str) -> dict:
     Also writes ``state.pt`` (rank 0): the saver's logits and full tensors by the oracle's rule,
     which the loaders compare with and take their base weights from.
     """
-    from megatron.core import dist_checkpointing
-
-    import tplora_kernels
-
     set_parallel(Par(**par))
     model = adapt(build_moe(gated=True), CKPT_CASE)
     G.lm_loss(model).backward()
@@ -447,10 +439,6 @@ def ckpt_load_task(par: dict, path: str) -> dict:
     save_adapter's file holds no base weights: that model first gets the saver's base (its full
     tensors, by the oracle's rule). dist_checkpointing's holds both.
     """
-    from megatron.core import dist_checkpointing
-
-    import tplora_kernels
-
     set_parallel(Par(**par))
     saved = torch.load(os.path.join(path, "state.pt"), weights_only=False)
     out = {}
@@ -477,12 +465,6 @@ def missing_expert_task(par: dict, path: str, drop_expert: int) -> dict:
 
     Every rank must refuse it alike, also the EP ranks that do not hold that expert.
     """
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    import tplora_kernels
-
     set_parallel(Par(**par))
     src, dst = os.path.join(path, "peft"), os.path.join(path, f"peft_without_expert{drop_expert}")
     if dist.get_rank() == 0:
@@ -560,7 +542,7 @@ def report(ranks: list[dict]) -> str:
         want = r0.get(f"train/{REF.label}/{label.split('/', 2)[2].split('/backend=')[0]}")
         drift = " ".join(f"{abs(a - b) / abs(b):.1e}" for a, b in zip(got["losses"], want["losses"]))
         fds = [fd_result(ranks, label, k) for k in FD_SETS]
-        lines.append(f"{label[6:]:40s} {drift:28s} {G.max_rel(got['grads0'], want['grads0'])[0]:8.1e} "
-                     f"{G.max_rel(got['final'], want['final'])[0]:8.1e} "
+        lines.append(f"{label[6:]:40s} {drift:28s} {max_rel_err(got['grads0'], want['grads0'])[0]:8.1e} "
+                     f"{max_rel_err(got['final'], want['final'])[0]:8.1e} "
                      + " ".join(f"{f['rel_err']:9.1e}" if f else f"{'-':>9s}" for f in fds))
     return "\n".join(lines)
