@@ -1,6 +1,6 @@
 """The sdist is the whole project: package, tests (conftest and helpers too), bench, examples,
-tools, LICENSE, README and CHANGELOG; its metadata carries the SPDX licence; its tests collect
-once unpacked; README's set-up names every extra; the PEFT example says which extra it needs.
+tools, the docs, LICENSE, README and CHANGELOG; its metadata carries the SPDX licence; its tests
+collect once unpacked; README's set-up names every extra; the PEFT example says which extra it needs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a checkout holds that the sdist must hold too: these directories whole, and these files.
-TREES = ("tplora_kernels", "tests", "bench", "examples", "tools")
+TREES = ("tplora_kernels", "tests", "bench", "examples", "tools", "docs")
 FILES = ("LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml")
 
 
@@ -48,7 +48,7 @@ def sdist(tmp_path_factory) -> dict:
 
 
 def test_sdist_holds_the_project(sdist):
-    """Every file of the project's trees is in the sdist, and no bytecode."""
+    """Every file of the project's trees (docs/ included) is in the sdist, and no bytecode."""
     missing = sorted(_project_files() - sdist["files"])
     assert not missing, f"{len(missing)} project files missing from the sdist: {missing[:20]}"
     stray = sorted(f for f in sdist["files"] if "__pycache__" in f or f.endswith(".pyc"))
