@@ -263,7 +263,7 @@ class Built:
         dy_for: the output gradient of a contender whose output is not shaped as ``dy`` (``sequential``:
             a tuple, one per call).
         gemm: per LoRA contender, the ``(dtype, lora dtype, N, K, r, T)`` of each of its calls, the key
-            by which ``tplora_kernels`` picks the GEMM path (``backends.get_backend(gemm=...)``).
+            by which ``tplora_kernels`` picks the GEMM path (``ops.select.get_backend(gemm=...)``).
         verify: checks a contender's answer against another's before anything is timed; returns
             relative errors by name (multi-adapter cases; the runner refuses to time above its bar).
         peft_layer: PEFT's module when the ``peft`` contender runs (for its dropout-free check).
@@ -362,7 +362,7 @@ def _setup(case: Case, group, device, backend: str):
 def _build(case: Case, *, group, rank, device, backend, ref_dropout, lora_dtype, seed, peft) -> Built:
     import torch
 
-    from tplora_kernels.mappings import base_parallel_linear
+    from tplora_kernels.functional import parallel_linear
 
     from . import peft_layer
 
@@ -377,7 +377,7 @@ def _build(case: Case, *, group, rank, device, backend, ref_dropout, lora_dtype,
     ref, fused = _functions(case.kind)
     loc = case.local
     built = Built(x, dy, [w, a, b, a_ref, b_ref], [x, a, b, a_ref, b_ref], {
-        "base": lambda: base_parallel_linear(x, w, kind=case.kind, **common),
+        "base": lambda: parallel_linear(x, w, kind=case.kind, **common),
         "reference": lambda: ref(x, w, a_ref, b_ref, scale=scale, dropout_p=p, seed=0x5EED, dropout=ref_dropout,
                                  **common),
     }, be, gemm={"fused": [(dtype, lora_dtype, loc["n"], loc["k"], case.r, loc["rows"])]})
@@ -404,7 +404,7 @@ def _build_multi(case: Case, *, group, rank, device, backend, lora_dtype, seed, 
     """
     import torch
 
-    from tplora_kernels.mappings import base_parallel_linear
+    from tplora_kernels.functional import parallel_linear
     from tplora_kernels.mask import dropout_threshold
     from tplora_kernels.multi import build_mix
 
@@ -460,7 +460,7 @@ def _build_multi(case: Case, *, group, rank, device, backend, lora_dtype, seed, 
         return errs
 
     return Built(x, sh.dy, [w, a_all, b_all, *a_s, *b_s], [x, a_all, b_all, *xs, *a_s, *b_s], {
-        "base": lambda: base_parallel_linear(x, w, kind=case.kind, **common),
+        "base": lambda: parallel_linear(x, w, kind=case.kind, **common),
         "mixed": mixed,
         "sequential": sequential,
     }, be, dy_for={"sequential": dys}, verify=verify, gemm={

@@ -20,8 +20,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from tplora_kernels import LoRAConfig, apply_lora, dispatch_megatron
-from tplora_kernels.dispatch import check_config, layer_options, pattern_value
-from tplora_kernels.modules import init_full_factors
+from tplora_kernels.adapters import init_full_factors
+from tplora_kernels.config import check_config, layer_options, pattern_value
 
 from ..support.checks import assert_raises
 from ..support.layers import H, K, ToyMLP, column, row

@@ -1,25 +1,24 @@
-"""Backend registry and resolution (tplora_kernels.backends): names, reasons, the interpreter probe."""
+"""Backend registry (ops.registry) and resolution (ops.select): names, reasons, the interpreter probe."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tplora_kernels import backends
+from tplora_kernels.ops import registry, select
 from tplora_kernels.ops import triton_backend as TB
 
 
 def test_every_builtin_backend_is_registered():
-    backends.get_backend("cpu", "torch")  # loads the built-in providers
-    missing = set(backends.BACKENDS) - set(backends._REGISTRY)
-    assert not missing, f"built-in backends not registered: {missing}"
+    missing = {"triton", "cublas", "interpret", "torch"} - set(registry.backend_names())
+    assert not missing, f"built-in backends not registered by importing the package: {missing}"
 
 
 def test_unknown_name_and_wrong_device_say_why():
     with pytest.raises(ValueError, match="backend must be one of"):
-        backends.get_backend("cpu", "nope")
+        select.get_backend("cpu", "nope")
     with pytest.raises(ValueError, match="cannot run on device cpu here: needs CUDA"):
-        backends.get_backend("cpu", "triton")
+        select.get_backend("cpu", "triton")
 
 
 def test_a_broken_interpreter_is_refused_with_the_reason(kernel_backend, monkeypatch):
@@ -33,27 +32,35 @@ def test_a_broken_interpreter_is_refused_with_the_reason(kernel_backend, monkeyp
             return launch
 
     TB._interpreter_works.cache_clear()
-    monkeypatch.setattr(TB._k, "_interpreter_probe_kernel", Broken())
+    monkeypatch.setattr(TB, "_interpreter_probe_kernel", Broken())
     try:
         with pytest.raises(ValueError, match=r"interpreter fails with numpy .*install numpy<2.4"):
-            backends.get_backend("cpu", "interpret")
+            select.get_backend("cpu", "interpret")
     finally:
         monkeypatch.undo()
         TB._interpreter_works.cache_clear()
-    assert backends.get_backend("cpu", "interpret").name == "interpret", "the real probe passes here"
+    assert select.get_backend("cpu", "interpret").name == "interpret", "the real probe passes here"
+
+
+def monkeypatch_free_unregister(name: str) -> None:
+    """Take a test backend out of the registry again (the registry has no public unregister)."""
+    registry._REGISTRY.pop(name, None)
+    registry._INSTANCES.pop(name, None)
 
 
 def test_a_registered_backend_is_used_by_name():
-    class Doubling(backends.Backend):
+    class Doubling(registry.Backend):
         name = "test-doubling"
 
         @classmethod
         def supports(cls, device):
-            return backends.Support(True)
+            return registry.Support(True)
 
-    backends.register_backend(Doubling)
+    registry.register_backend(Doubling)
     try:
-        assert isinstance(backends.get_backend("cpu", "test-doubling"), Doubling)
-        assert backends.resolve_backend(torch.device("cpu"), Doubling()) == "test-doubling"
+        assert isinstance(select.get_backend("cpu", "test-doubling"), Doubling)
+        assert select.resolve_backend(torch.device("cpu"), Doubling()) == "test-doubling"
+        with pytest.raises(ValueError, match="test-doubling"):
+            select.get_backend("cpu", "nope")  # the error lists the registry's names, the new one too
     finally:
-        backends._REGISTRY.pop("test-doubling")
+        monkeypatch_free_unregister("test-doubling")

@@ -14,7 +14,7 @@ import torch
 
 from tplora_kernels.mask import DropoutSpec, dropout_threshold, keep_mask, keep_scale
 from tplora_kernels.ops import launch as L
-from tplora_kernels.ops.triton_backend import _DY_COLS, _block_r, _dy_rows
+from tplora_kernels.ops.configs import DY_COLS, block_r, dy_rows
 
 from ..support.checks import rel_err
 
@@ -34,7 +34,7 @@ def test_dy_bwd_partials_cross_their_blocks(backend, dtype, u_row0, u_rows, r):
     and column blocks.
     """
     T, N, s = 300, 600, 0.75
-    assert T > _dy_rows(_block_r(r)) and N > _DY_COLS, "the case must cross both blocks"
+    assert T > dy_rows(block_r(r)) and N > DY_COLS, "the case must cross both blocks"
     g = torch.Generator().manual_seed(0)
     dy = torch.randn(T, N, generator=g).to(dtype)
     b = torch.randn(N, r, generator=g) / N ** 0.5

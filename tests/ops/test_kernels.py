@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from tplora_kernels import mask as M
 from tplora_kernels.distributed import RowChunkedBuffer
+from tplora_kernels.ops import configs as C
 from tplora_kernels.ops import launch as L
 from tplora_kernels.ops import select as S
 from tplora_kernels.ops import triton_backend as TB
@@ -414,13 +415,15 @@ def test_autotune_never_varies_a_reduction_block():
     Configs may differ across ranks (each times its own); results must not: each kernel's
     reduction blocks are passed by the launcher, never by an autotune config.
     """
-    reductions = {"_LINEAR_CONFIGS": {"BLOCK_K", "BLOCK_R"}, "_DX_CONFIGS": {"BLOCK_N", "BLOCK_R"},
-                  "_SHRINK_CONFIGS": {"BLOCK_K", "BLOCK_R"}, "_SHRINK_BWD_CONFIGS": {"BLOCK_M", "BLOCK_R"},
-                  "_DY_CONFIGS": {"BLOCK_M", "BLOCK_N", "BLOCK_R"}}
-    for name, red in reductions.items():
-        for cfg in getattr(TB, name):
-            assert not red & set(cfg.kwargs), f"{name} config {cfg} tunes a reduction block {red & set(cfg.kwargs)}"
-    assert TB._TUNED["linear_fwd"].keys == ["N", "K", "R"], "autotune must key on model dims, not T"
+    reductions = {"linear_fwd": {"BLOCK_K", "BLOCK_R"}, "linear_dx": {"BLOCK_N", "BLOCK_R"},
+                  "shrink_fwd": {"BLOCK_K", "BLOCK_R"}, "shrink_bwd": {"BLOCK_M", "BLOCK_R"},
+                  "dy_bwd": {"BLOCK_M", "BLOCK_N", "BLOCK_R"}}
+    for op, red in reductions.items():
+        for cfg in C.CONFIGS[op]:
+            assert not red & set(cfg.kwargs), f"{op} config {cfg} tunes a reduction block {red & set(cfg.kwargs)}"
+    keys = {op: TB._TUNED[op].keys for op in reductions}
+    assert all("T" not in k for k in keys.values()), f"autotune must key on model dims, not T: {keys}"
+    assert keys["linear_fwd"][:3] == ["N", "K", "R"], f"linear_fwd's autotune keys: {keys['linear_fwd']}"
 
 
 def test_interpreter_offsets_are_int64(kernel_backend):

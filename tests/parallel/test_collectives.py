@@ -2,7 +2,7 @@
 
 Collectives are counted with torch.profiler on every rank: events named ``c10d::*`` (gloo emits
 ``c10d::allreduce_``, ``c10d::_allgather_base_`` and ``c10d::_reduce_scatter_base_``), for a
-no-grad forward and for a forward plus backward. The base is ``mappings.base_parallel_linear``
+no-grad forward and for a forward plus backward. The base is ``functional.parallel_linear``
 measured the same way; the unfused reference (PEFT's structure) must show its extra collective
 on the LoRA branch, which also proves the counter sees collectives run inside autograd.
 """
@@ -16,8 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tplora_kernels.distributed import sum_sequence_parallel_grads
-from tplora_kernels.functional import column_parallel_lora, row_parallel_lora
-from tplora_kernels.mappings import base_parallel_linear
+from tplora_kernels.functional import column_parallel_lora, parallel_linear, row_parallel_lora
 from tplora_kernels.reference import column_parallel_lora_reference, row_parallel_lora_reference
 
 from ..support.harness import cpu_kernel_backend
@@ -88,7 +87,7 @@ def collectives_task(ctx, *, kind: str, sp: bool, opt: bool, backend: str, x_gra
 
     def call(impl, x, a, b):
         if impl == "base":
-            return base_parallel_linear(x, W, kind=kind, bias=bias, **mode)
+            return parallel_linear(x, W, kind=kind, bias=bias, **mode)
         if impl == "fused":
             fn = column_parallel_lora if kind == "column" else row_parallel_lora
             return fn(x, W, a, b, bias=bias, scale=0.5, dropout_p=0.25, seed=11, backend=backend, **mode)

@@ -17,8 +17,7 @@ from megatron.core.tensor_parallel import random as mrandom
 from torch.utils.checkpoint import checkpoint
 
 from tplora_kernels import column_parallel_lora, rng
-
-from ..support.megatron_shims import megatron_on_cpu
+from tplora_kernels.testing.megatron_cpu import megatron_on_cpu
 
 
 @contextlib.contextmanager

@@ -102,7 +102,12 @@ def _launch(cmd: str) -> list[str]:
 
 
 _RESULT = {"examples/megatron_example.py": "adapted ['linear_fc1', 'linear_fc2']; losses [",
-           "examples/peft_example.py": "losses ["}
+           "examples/peft_example.py": "losses [",
+           "examples/pipeline_example.py": "TP2 x PP2: loss "}
+# The pipeline example's numbers: the loss must fall, and PEFT on the Hugging Face model must give
+# Megatron's logits (fp32 on both sides, computed in another order).
+_PIPELINE = re.compile(r"loss (?P<first>[\d.]+) -> (?P<last>[\d.]+) over \d+ steps; HF\+PEFT logits vs Megatron: "
+                       r"max \|diff\| (?P<diff>[\d.e+-]+) \(of (?P<scale>[\d.]+)\)")
 
 
 def _picked() -> list[str]:
@@ -134,3 +139,9 @@ def test_example_prints_its_result_without_warnings(cmd):
         f"`{cmd}`: expected one result line from rank 0 starting {_RESULT[path]!r}, stdout {proc.stdout!r}"
     warned = [ln for ln in proc.stderr.splitlines() if "Warning" in ln or "warnings.warn" in ln]
     assert not warned, f"`{cmd}`: {len(warned)} warning lines on stderr, e.g. {warned[:2]}"
+    if path == "examples/pipeline_example.py":
+        m = _PIPELINE.search(lines[0])
+        assert m, f"`{cmd}`: the result line does not give the loss and the logit difference: {lines[0]!r}"
+        first, last, diff, scale = (float(m[k]) for k in ("first", "last", "diff", "scale"))
+        assert last < 0.8 * first, f"`{cmd}`: the loss did not fall enough: {first} -> {last}"
+        assert diff <= 1e-5 * scale, f"`{cmd}`: HF+PEFT logits differ from Megatron's by {diff} (of {scale})"

@@ -33,9 +33,8 @@ from megatron.core.transformer import TransformerConfig
 
 import tplora_kernels
 from tplora_kernels.testing import launch
+from tplora_kernels.testing.megatron_cpu import megatron_on_cpu
 from tplora_kernels.testing.numerics import abs_err, max_rel_err, rel_err
-
-from .megatron_shims import megatron_on_cpu
 
 SEED = 1234  # base weights, LoRA factors and Megatron's RNG tracker
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ, MBS = 2, 64, 4, 128, 128, 16, 2

@@ -10,8 +10,8 @@ full tensor drawn from a generator seeded by its *canonical* name (global layer 
 index, ``tplora_kernels.naming``), sliced by Megatron's TP rule (``gpt.slice_by_rule``), so the
 model is the same function at every layout before anything is compared.
 
-The schedules need one shim beyond ``megatron_shims`` (``schedule_on_cpu``): they allocate their
-token counter with a literal ``device="cuda"``.
+The schedules run under ``tplora_kernels.testing.megatron_cpu.megatron_on_cpu`` (which every rank of
+``gpt.run_world`` enters), like the rest of the model.
 """
 
 from __future__ import annotations
@@ -58,31 +58,6 @@ class Layout:
         if self.moe:
             parts.append("moe")
         return "-".join(parts)
-
-
-# -- the schedule's one CUDA literal -------------------------------------------------------------
-class _CpuTorch:
-    """The ``torch`` module as megatron's schedules see it, with ``zeros(device="cuda")`` on the CPU.
-
-    The schedules count tokens in ``torch.zeros([], dtype=torch.int, device="cuda")``: on a GPU
-    that is a scalar on the device the model runs on, here the CPU. Everything else is torch's.
-    """
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def zeros(*args, **kwargs):
-        if str(kwargs.get("device", "")).startswith("cuda"):
-            kwargs["device"] = "cpu"
-        return torch.zeros(*args, **kwargs)
-
-
-def schedule_on_cpu():
-    """Patch megatron's pipeline schedules' token counter onto the CPU (see ``_CpuTorch``)."""
-    from megatron.core.pipeline_parallel import schedules
-
-    return mock.patch.object(schedules, "torch", _CpuTorch())
 
 
 # -- layout and model ----------------------------------------------------------------------------
@@ -222,7 +197,7 @@ def _run_schedule(chunks: list, *, forward_only: bool, logits: bool = False) -> 
         if non_loss_data:
             return output.detach().clone()
         loss = output.double().mean()  # fp64 mean: see gpt.lm_loss
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach().clone()}  # clone: the schedule scales ``loss`` in place
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
@@ -231,11 +206,10 @@ def _run_schedule(chunks: list, *, forward_only: bool, logits: bool = False) -> 
         return out, partial(loss_func)
 
     iters = [iter(microbatches()) for _ in chunks]
-    with schedule_on_cpu():
-        return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
-            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=MICRO, seq_length=SEQ,
-            micro_batch_size=MBS, forward_only=forward_only, collect_non_loss_data=logits)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
+        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=MICRO, seq_length=SEQ,
+        micro_batch_size=MBS, forward_only=forward_only, collect_non_loss_data=logits)
 
 
 def _from_last_stage(value):

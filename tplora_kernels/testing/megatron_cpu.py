@@ -1,12 +1,16 @@
 """Run megatron-core's GPTModel on CPU ranks (gloo) with its GPU semantics kept.
 
-``megatron_on_cpu()`` is entered once inside each spawned rank. Every patch below replaces a
-CUDA-only call with the CPU equivalent of what it does on a GPU, and nothing else:
+For the test suite and the examples on machines without a GPU; the library never imports it, and
+on a GPU nothing here is needed. ``megatron_on_cpu()`` is entered once inside each rank. Every patch
+below replaces a CUDA-only call with the CPU equivalent of what it does on a GPU, and nothing else:
 
 - ``torch.cuda.current_device`` -> ``"cpu"``: megatron allocates buffers on "the current device"
-  (the causal attention mask, the SP all-gather output, the dist_checkpointing flag tensor).
-- ``torch.cuda.synchronize`` -> no-op: dist_checkpointing's writer syncs the device; a CPU has
-  no asynchronous stream to wait for.
+  (the causal attention mask, rotary frequencies, the SP all-gather output, the pipeline's
+  point-to-point receive buffers, the dist_checkpointing flag tensor).
+- ``torch.cuda.synchronize`` -> no-op: dist_checkpointing's writer and the pipeline's batched
+  point-to-point transfers sync the device; a CPU has no asynchronous stream to wait for.
+- the pipeline schedules' token counter, ``torch.zeros([], dtype=torch.int, device="cuda")`` with a
+  literal device: a scalar on the device the model runs on, here the CPU.
 - ``torch.cuda.manual_seed`` -> ``torch.manual_seed``: ``model_parallel_cuda_manual_seed`` seeds
   the generator of the device the model runs on; here that is the CPU default generator.
 - The RNG tracker is ``cpu_tracker_class()``: the same states ('data-parallel-rng' = seed,
@@ -35,12 +39,26 @@ from collections.abc import Iterator
 from unittest import mock
 
 import torch
+from megatron.core.pipeline_parallel import schedules
 from megatron.core.tensor_parallel import random as mrandom
 from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 from megatron.core.transformer import torch_norm
 from megatron.core.transformer.moe import moe_utils
 
 __all__ = ["cpu_tracker_class", "megatron_on_cpu"]
+
+
+class _CpuTorch:
+    """``torch`` as megatron's pipeline schedules see it, with ``zeros(device="cuda")`` on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return torch.zeros(*args, **kwargs)
 
 
 # Subclass megatron's tracker so isinstance checks in megatron (get_all_rng_states) still hold;
@@ -91,13 +109,23 @@ class _CPURNGStatesTracker(CudaRNGStatesTracker):
 
 
 def cpu_tracker_class() -> type:
-    """The CPU tracker class (see the module docstring)."""
+    """The CPU tracker class (see the module docstring).
+
+    Returns:
+        A subclass of megatron's ``CudaRNGStatesTracker`` whose states are CPU generator states.
+    """
     return _CPURNGStatesTracker
 
 
 @contextlib.contextmanager
 def megatron_on_cpu() -> Iterator[None]:
-    """Install every shim in the module docstring for the duration of the block."""
+    """Install every shim in the module docstring for the duration of the block.
+
+    Example:
+        >>> with megatron_on_cpu():
+        ...     torch.cuda.current_device()
+        'cpu'
+    """
     tracker_cls = cpu_tracker_class()
     original_norm_new = torch_norm.WrappedTorchNorm.__new__
 
@@ -120,6 +148,7 @@ def megatron_on_cpu() -> Iterator[None]:
     patches = [
         mock.patch.object(torch.cuda, "current_device", lambda: "cpu"),
         mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None),
+        mock.patch.object(schedules, "torch", _CpuTorch()),
         mock.patch.object(torch.cuda, "manual_seed", torch.manual_seed),
         mock.patch.object(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()),
         mock.patch.object(mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
