@@ -32,7 +32,6 @@ import zlib
 import torch
 import torch.distributed as dist
 
-# --8<-- [start:readme]
 import tplora_kernels
 from tplora_kernels.adapter_io.hf_format import heads_of, hf_targets
 from tplora_kernels.naming import canonical_name
@@ -204,7 +203,6 @@ def hugging_face(adapter_dir: str, held_out: list[dict], megatron_logits: list, 
         generated = peft_model.generate(input_ids=prompt, max_new_tokens=SEQ - prompt.shape[1], do_sample=False)
     return {"logit_diff": float((ours - theirs).abs().max()), "logit_scale": float(ours.abs().max()),
             "generated": bytes(generated[0].tolist()).decode(errors="replace")}
-# --8<-- [end:readme]
 
 
 def _report(res: dict) -> str:

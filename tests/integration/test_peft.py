@@ -177,7 +177,7 @@ def load_adapter_task(ctx, path: str, base_full: dict, peft_wrapped: bool, want_
 
 
 def load_adapter_errors_task(ctx, path: str) -> None:
-    """load_adapter refuses a file whose names do not match, and a DoRA config."""
+    """load_adapter refuses a file whose names do not match, and a DoRA config without magnitudes."""
     at = f"rank {ctx.rank}"
     model = nn.Module()
     model.other = column(ctx.group, ctx.tp, K, H)
@@ -196,8 +196,83 @@ def load_adapter_errors_task(ctx, path: str) -> None:
             json.dump(cfg, f)
     if ctx.tp > 1:
         dist.barrier(group=ctx.group)
-    assert_raises(f"{at}: load_adapter of a DoRA file", ValueError, ["use_dora"], load_adapter, model, dora,
-                  strict=False)
+    assert_raises(f"{at}: load_adapter of a DoRA config whose file has no magnitudes", ValueError,
+                  ["use_dora", "lora_magnitude_vector"], load_adapter, model, dora, strict=False)
+
+
+class _Blocks(nn.Module):
+    """Two ToyMLP blocks (``layers.0.fc1`` ...), for rank patterns that tell blocks apart."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([make(), make()])
+
+    def forward(self, x):
+        return self.layers[1](self.layers[0](x))
+
+
+PATTERN = {"layers.1.fc1": 4, "fc1": 2}  # PEFT applies the first match: layers.1.fc1 gets 4, layers.0.fc1 2
+
+
+def rank_pattern_task(ctx, path: str) -> dict:
+    """save_adapter keeps rank_pattern's order (PEFT applies the first match); loading it back counts collectives."""
+    torch.manual_seed(3)
+    model = _Blocks(lambda: ToyMLP(ctx.group, ctx.tp))
+    config = LoRAConfig(r=8, lora_alpha=8, rank_pattern=dict(PATTERN), init_lora_weights=False, backend="torch")
+    apply_lora(model, config)
+    save_adapter(model, path, config=config, group=ctx.group)
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        written = json.load(f)["rank_pattern"]
+    fresh = _Blocks(lambda: ToyMLP(ctx.group, ctx.tp))
+    apply_lora(fresh, LoRAConfig(r=1, backend="torch"))
+    calls: dict[str, int] = {}
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*a, **k)
+        return wrapper
+
+    names = ("all_gather_object", "broadcast_object_list", "broadcast", "all_reduce", "all_gather",
+             "all_gather_into_tensor", "reduce_scatter_tensor", "send", "recv")
+    saved = {n: getattr(dist, n) for n in names}
+    try:
+        for n in names:
+            setattr(dist, n, counted(n, saved[n]))
+        load_adapter(fresh, path, adapter_name="loaded")
+    finally:
+        for n in names:
+            setattr(dist, n, saved[n])
+    ranks = {f"layers.{i}.{n}": getattr(fresh.layers[i], n).r["loaded"] for i in (0, 1) for n in ("fc1", "fc2")}
+    with torch.no_grad():
+        x = inputs((6, 2, K), seed=4)
+        same = rel_err(fresh(x), model(x))
+    return dict(written=list(written.items()), ranks=ranks, calls=calls, same=same)
+
+
+def test_rank_pattern_order_survives_save_and_load(dist_pool, tmp_path):
+    """A rank_pattern whose order matters loads back here and in PEFT; loading runs one small all-gather only.
+
+    ``adapter_config.json`` once sorted its keys, so ``{"layers.1.fc1": 4, "fc1": 2}`` came back as
+    ``{"fc1": 2, ...}``: PEFT then gave layers.1.fc1 rank 2 and failed on the r=4 tensors, and so did
+    ``load_adapter``. Loading also drew each adapter through the path that broadcasts over TP (two
+    wasted collectives per layer) before overwriting it.
+    """
+    from peft import PeftModel
+
+    path = str(tmp_path / "pattern")
+    res = dist_pool.run(rank_pattern_task, 2, path=path)
+    for rank, r in enumerate(res):
+        assert r["written"][:2] == list(PATTERN.items()), f"rank {rank}: rank_pattern written as {r['written']}"
+        assert r["ranks"] == {"layers.0.fc1": 2, "layers.0.fc2": 8, "layers.1.fc1": 4, "layers.1.fc2": 8}, (
+            f"rank {rank}: loaded ranks {r['ranks']}")
+        assert r["same"] < 1e-6, f"rank {rank}: the loaded model's output differs by {r['same']:.2e}"
+        assert r["calls"] == {"all_gather_object": 1}, (
+            f"rank {rank}: load_adapter ran collectives {r['calls']}; one all-gather (the agreement) expected")
+    dense = PeftModel.from_pretrained(_Blocks(DenseMLP), path)  # raises on a size mismatch
+    got = {f"layers.{i}.{n}": getattr(dense.base_model.model.layers[i], n).r["default"] for i in (0, 1)
+           for n in ("fc1", "fc2")}
+    assert got == res[0]["ranks"], f"PEFT read ranks {got} from our file, the TP model has {res[0]['ranks']}"
 
 
 def peft_example_task(ctx, path: str, out_dir: str) -> None:

@@ -90,7 +90,9 @@ def config_dict(options: Mapping[str, AdapterOptions], config: Any = None) -> di
                "lora_dropout": Counter(o.lora_dropout for o in options.values()).most_common(1)[0][0]}
         if config is not None:
             out.update(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                       init_lora_weights=config.init_lora_weights)
+                       init_lora_weights=config.init_lora_weights,
+                       rank_pattern=dict(getattr(config, "rank_pattern", None) or {}),
+                       alpha_pattern=dict(getattr(config, "alpha_pattern", None) or {}))
     out["use_rslora"] = rslora.pop()
     out["use_dora"] = dora.pop()
     out["inference_mode"] = True
