@@ -48,27 +48,25 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tplora_kernels.mask import dropout_threshold
+from tplora_kernels.ops import configs as C  # the launch tables the triton backend uses
 from tplora_kernels.ops import kernels as K
-
-# L: the autotune tables and reduction blocks (_LINEAR_CONFIGS, _RED...) the triton backend launches with.
-from tplora_kernels.ops import triton_backend as L
 
 # Per kernel: its function in ops.kernels, its autotune table, every pointer's dtype by role, and
 # the compile-time flags whose both settings are real launches (swept; the rest are fixed below).
 # Roles: "x" the activation dtype, "w" the LoRA weights (fp32: the mixed case), "f" fp32 partial
 # sums, "i" the int64 seed, "t" the per-row thresholds (int32; the seed stands in when ROW_THR is off).
 KERNELS = {
-    "shrink_fwd": ("_lora_shrink_fwd_kernel", "_SHRINK_CONFIGS",
+    "shrink_fwd": ("_lora_shrink_fwd_kernel", "SHRINK_CONFIGS",
                    {"p_x": "x", "p_a": "w", "p_u": "x", "p_seed": "i", "p_xo": "x", "p_rthr": "t"},
                    ("COPY_X", "ROW_THR")),
-    "linear_fwd": ("_lora_linear_fwd_kernel", "_LINEAR_CONFIGS",
+    "linear_fwd": ("_lora_linear_fwd_kernel", "LINEAR_CONFIGS",
                    {"p_x": "x", "p_w": "x", "p_u": "x", "p_b": "w", "p_bias": "x", "p_out": "x"}, ()),
-    "dy_bwd": ("_lora_dy_bwd_kernel", "_DY_CONFIGS", {"p_dy": "x", "p_b": "w", "p_u": "x", "p_dup": "f",
+    "dy_bwd": ("_lora_dy_bwd_kernel", "DY_CONFIGS", {"p_dy": "x", "p_b": "w", "p_u": "x", "p_dup": "f",
                                                       "p_dbp": "f"}, ()),
-    "linear_dx": ("_lora_linear_dx_kernel", "_DX_CONFIGS",
+    "linear_dx": ("_lora_linear_dx_kernel", "DX_CONFIGS",
                   {"p_dy": "x", "p_w": "x", "p_du": "x", "p_a": "w", "p_dx": "x", "p_seed": "i", "p_rthr": "t"},
                   ("ROW_THR",)),
-    "shrink_bwd": ("_lora_shrink_bwd_kernel", "_SHRINK_BWD_CONFIGS",
+    "shrink_bwd": ("_lora_shrink_bwd_kernel", "SHRINK_BWD_CONFIGS",
                    {"p_du": "x", "p_x": "x", "p_dap": "f", "p_seed": "i", "p_rthr": "t"}, ("CHUNKED", "ROW_THR")),
 }
 GEMMS = ("linear_fwd", "linear_dx")
@@ -103,7 +101,7 @@ def _pick(src, module, name: str):
 
 
 def _configs(kernel: str, src) -> list[triton.Config]:
-    return _pick(src, L, KERNELS[kernel][1])
+    return _pick(src, C, KERNELS[kernel][1])
 
 
 def _launch_consts(kernel: str, dtype: str, p: float, flags: dict, block_r: int) -> dict:
@@ -112,16 +110,16 @@ def _launch_consts(kernel: str, dtype: str, p: float, flags: dict, block_r: int)
     thr = dropout_threshold(p)
     # On a GPU: no interpreter fix-ups; fp32 dots are IEEE under torch's default matmul precision
     # ("highest"), TF32 when the user allows it; r is padded to a power of two >= 16.
-    common = {"INTERP_BF16": False, "BLOCK_R": L._block_r(block_r),
+    common = {"INTERP_BF16": False, "BLOCK_R": C.block_r(block_r),
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     drop = {"THR": thr, "HAS_DROPOUT": thr > 0, "PACKED": True, "ROW_THR": False}
     return {
-        "shrink_fwd": {**drop, "COPY_X": False, "BLOCK_K": L._RED[td]},
-        "linear_fwd": {"HAS_BIAS": True, "BLOCK_K": L._RED[td], "GROUP_M": L._GROUP_M},
-        "dy_bwd": {"COMPUTE_DU": True, "COMPUTE_DB": True, "BLOCK_M": L._dy_rows(L._block_r(block_r)),
-                   "BLOCK_N": L._RED[td]},
-        "linear_dx": {**drop, "BLOCK_N": L._RED[td], "GROUP_M": L._GROUP_M},
-        "shrink_bwd": {**drop, "CHUNKED": False, "BLOCK_M": L._ROW_RED},
+        "shrink_fwd": {**drop, "COPY_X": False, "BLOCK_K": C.RED[td]},
+        "linear_fwd": {"HAS_BIAS": True, "BLOCK_K": C.RED[td], "GROUP_M": C.GROUP_M},
+        "dy_bwd": {"COMPUTE_DU": True, "COMPUTE_DB": True, "BLOCK_M": C.dy_rows(C.block_r(block_r)),
+                   "BLOCK_N": C.RED[td]},
+        "linear_dx": {**drop, "BLOCK_N": C.RED[td], "GROUP_M": C.GROUP_M},
+        "shrink_bwd": {**drop, "CHUNKED": False, "BLOCK_M": C.ROW_RED},
     }[kernel] | common | flags
 
 
@@ -263,7 +261,7 @@ def compile_one(job: tuple) -> dict:
                         *(["w16"] if w16 else [])])
     name = f"{kernel}_{dtype}_{variant}_{_tiles(fn, cfg, consts)}"
     row = {"name": name, "kernel": kernel, "dtype": dtype, "variant": variant, "rank": block_r, "config": index,
-           "pinned": index == L._pinned(kernel, L._block_r(block_r)),
+           "pinned": index == C.pinned(kernel, C.block_r(block_r)),
            "n_configs": len(configs), "tiles": {k: v for k, v in consts.items() if k.startswith("BLOCK_")},
            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "triton": triton.__version__}
     t0 = time.time()
@@ -365,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.all_configs or args.configs:
             indices = [i for i in range(len(_configs(kernel, src))) if args.configs is None or i in args.configs]
         else:  # what TPLORA_AUTOTUNE=0 launches at this rank
-            indices = [L._pinned(kernel, L._block_r(args.rank))]
+            indices = [C.pinned(kernel, C.block_r(args.rank))]
         has_p = "THR" in _launch_consts(kernel, "fp32", 0.0, {}, args.rank)
         for dtype in args.dtypes:
             for p in args.dropout if has_p else [0.0]:
