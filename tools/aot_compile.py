@@ -60,16 +60,21 @@ KERNELS = {
                    {"p_x": "x", "p_a": "w", "p_u": "x", "p_seed": "i", "p_xo": "x", "p_rthr": "t"},
                    ("COPY_X", "ROW_THR")),
     "linear_fwd": ("_lora_linear_fwd_kernel", "LINEAR_CONFIGS",
-                   {"p_x": "x", "p_w": "x", "p_u": "x", "p_b": "w", "p_bias": "x", "p_out": "x"}, ()),
+                   {"p_x": "x", "p_w": "x", "p_u": "x", "p_b": "w", "p_bias": "x", "p_out": "x", "p_g": "f",
+                    "p_out0": "x", "p_seed": "i", "p_rthr": "t"}, ()),
     "dy_bwd": ("_lora_dy_bwd_kernel", "DY_CONFIGS", {"p_dy": "x", "p_b": "w", "p_u": "x", "p_dup": "f",
-                                                      "p_dbp": "f"}, ()),
+                                                      "p_dbp": "f", "p_g": "f", "p_y0": "x", "p_dmp": "f"}, ()),
     "linear_dx": ("_lora_linear_dx_kernel", "DX_CONFIGS",
-                  {"p_dy": "x", "p_w": "x", "p_du": "x", "p_a": "w", "p_dx": "x", "p_seed": "i", "p_rthr": "t"},
-                  ("ROW_THR",)),
+                  {"p_dy": "x", "p_w": "x", "p_du": "x", "p_a": "w", "p_dx": "x", "p_seed": "i", "p_rthr": "t",
+                   "p_g": "f"}, ("ROW_THR",)),
     "shrink_bwd": ("_lora_shrink_bwd_kernel", "SHRINK_BWD_CONFIGS",
                    {"p_du": "x", "p_x": "x", "p_dap": "f", "p_seed": "i", "p_rthr": "t"}, ("CHUNKED", "ROW_THR")),
 }
 GEMMS = ("linear_fwd", "linear_dx")
+# DoRA's flags (issue 18), all on with --dora: each kernel's heaviest DoRA launch. In the forward,
+# dropout (p > 0) is DoRA's too; MASK_ALL only exists with dropout.
+DORA = {"linear_fwd": ("COL_SCALE", "OUT0"), "dy_bwd": ("COL_SCALE", "COMPUTE_DM"),
+        "linear_dx": ("COL_SCALE", "MASK_ALL")}
 # The gate covers, on tensor cores, every GEMM config and the pinned config of the other kernels
 # (what TPLORA_AUTOTUNE=0 launches, with no autotuner to skip a bad one). fp32 under torch's
 # default precision runs IEEE dots, an FMA loop with no wgmma pipeline; its spills are reported.
@@ -81,7 +86,7 @@ _SCALARS_F32 = ("scale", "inv_keep")
 # are multiples of 16: unit innermost strides become constexpr 1; pointers and the other ints
 # (not do_not_specialize) carry tt.divisibility=16.
 _UNIT_STRIDES = {"s_bias", "s_xok", "s_xk", "s_wk", "s_ak", "s_ur", "s_br", "s_on", "s_dyn", "s_dur", "s_dxk",
-                 "s_pr", "s_pk"}
+                 "s_pr", "s_pk", "s_g", "s_o0n", "s_y0n", "s_qn"}
 # sm_90 per-SM limits (CUDA occupancy calculator): registers are allocated per warp in units of
 # 256 from four 16K sub-partition files; shared memory in 128 B units plus 1 KiB per CTA.
 _SM90 = {"regs": 65536, "smem": 233472, "smem_per_cta": 232448, "warps": 64, "ctas": 32}
@@ -115,18 +120,26 @@ def _launch_consts(kernel: str, dtype: str, p: float, flags: dict, block_r: int)
     drop = {"THR": thr, "HAS_DROPOUT": thr > 0, "PACKED": True, "ROW_THR": False}
     return {
         "shrink_fwd": {**drop, "COPY_X": False, "BLOCK_K": C.RED[td]},
-        "linear_fwd": {"HAS_BIAS": True, "BLOCK_K": C.RED[td], "GROUP_M": C.GROUP_M},
-        "dy_bwd": {"COMPUTE_DU": True, "COMPUTE_DB": True, "BLOCK_M": C.dy_rows(C.block_r(block_r)),
-                   "BLOCK_N": C.RED[td]},
-        "linear_dx": {**drop, "BLOCK_N": C.RED[td], "GROUP_M": C.GROUP_M},
+        "linear_fwd": {**drop, "HAS_BIAS": True, "COL_SCALE": False, "OUT0": False, "BLOCK_K": C.RED[td],
+                       "GROUP_M": C.GROUP_M},
+        "dy_bwd": {"COMPUTE_DU": True, "COMPUTE_DB": True, "COL_SCALE": False, "COMPUTE_DM": False,
+                   "BLOCK_M": C.dy_rows(C.block_r(block_r)), "BLOCK_N": C.RED[td]},
+        "linear_dx": {**drop, "COL_SCALE": False, "MASK_ALL": False, "BLOCK_N": C.RED[td], "GROUP_M": C.GROUP_M},
         "shrink_bwd": {**drop, "CHUNKED": False, "BLOCK_M": C.ROW_RED},
     }[kernel] | common | flags
 
 
-def _flag_sets(kernel: str, p: float, sweep: bool) -> list[dict]:
-    """Every combination of the kernel's swept flags (ROW_THR only where dropout is on)."""
+def _flag_sets(kernel: str, p: float, sweep: bool, dora: bool = False) -> list[dict]:
+    """Every combination of the kernel's swept flags (ROW_THR only where dropout is on); with
+    ``dora``, each with the kernel's DoRA flags on (MASK_ALL only with dropout)."""
     names = [f for f in KERNELS[kernel][3] if sweep and (f != "ROW_THR" or p > 0)]
-    return [dict(zip(names, bits)) for bits in itertools.product((False, True), repeat=len(names))]
+    on = {f: True for f in DORA.get(kernel, ()) if dora and (f != "MASK_ALL" or p > 0)}
+    return [dict(zip(names, bits)) | on for bits in itertools.product((False, True), repeat=len(names))]
+
+
+def _variant(p: float, flags: dict) -> dict:
+    """What ``configs.fits`` and ``configs.pinned`` need to know of a launch: DoRA's flags, dropout."""
+    return {"dora": bool(flags.get("COL_SCALE") or flags.get("OUT0")), "dropout": p > 0}
 
 
 def _check_consts(fn, consts: dict) -> None:
@@ -261,7 +274,7 @@ def compile_one(job: tuple) -> dict:
                         *(["w16"] if w16 else [])])
     name = f"{kernel}_{dtype}_{variant}_{_tiles(fn, cfg, consts)}"
     row = {"name": name, "kernel": kernel, "dtype": dtype, "variant": variant, "rank": block_r, "config": index,
-           "pinned": index == C.pinned(kernel, C.block_r(block_r)),
+           "pinned": index == C.pinned(kernel, C.block_r(block_r), **_variant(p, flags)),
            "n_configs": len(configs), "tiles": {k: v for k, v in consts.items() if k.startswith("BLOCK_")},
            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "triton": triton.__version__}
     t0 = time.time()
@@ -345,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the usual setting of COPY_X, CHUNKED, ROW_THR (off), not both")
     ap.add_argument("--lora-dtypes", type=_csv(str), default=["fp32", "act"],
                     help="LoRA weight dtypes: fp32, and/or act (the activations' 16-bit dtype, apply_lora's default)")
+    ap.add_argument("--dora", action="store_true",
+                    help="DoRA's variants (flags in DORA) instead of the plain ones, for the kernels that have them")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank r (BLOCK_R = next power of two >= 16)")
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--dump", metavar="DIR", help="write each variant's .ptx and .cubin here")
@@ -360,14 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     src = _load_source(args.source)
     jobs = []
     for kernel in args.kernels:
-        if args.all_configs or args.configs:
-            indices = [i for i in range(len(_configs(kernel, src))) if args.configs is None or i in args.configs]
-        else:  # what TPLORA_AUTOTUNE=0 launches at this rank
-            indices = [C.pinned(kernel, C.block_r(args.rank))]
+        if args.dora and kernel not in DORA:
+            continue
+        table = _configs(kernel, src)
         has_p = "THR" in _launch_consts(kernel, "fp32", 0.0, {}, args.rank)
         for dtype in args.dtypes:
             for p in args.dropout if has_p else [0.0]:
-                for flags in _flag_sets(kernel, p, not args.no_flag_sweep):
+                for flags in _flag_sets(kernel, p, not args.no_flag_sweep, args.dora):
+                    # The configs this variant launches (configs.fits), or the one TPLORA_AUTOTUNE=0 pins.
+                    if args.all_configs or args.configs:
+                        indices = [i for i, c in enumerate(table) if (args.configs is None or i in args.configs)
+                                   and C.fits(kernel, c, **_variant(p, flags))]
+                    else:
+                        indices = [C.pinned(kernel, C.block_r(args.rank), **_variant(p, flags))]
                     for w16 in _weight_kinds(kernel, dtype, args.lora_dtypes):
                         jobs += [(kernel, dtype, p, flags, i, args.rank, args.arch, args.dump, args.sass, w16)
                                  for i in indices]

@@ -9,7 +9,10 @@ register file (ptxas reports no spill stores or loads) and with an unserialised 
 with each compile-time flag (COPY_X, CHUNKED, ROW_THR) both ways, and in 16 bits without a spill,
 also at Σr = 64 (four r = 16 adapters in one batch) and within one SM's shared memory; fp32 GEMM
 spills (IEEE dots run as an FMA loop, not on tensor cores) are reported by aot_compile.py, not
-asserted.
+asserted. DoRA's variants (``aot_compile.py --dora``: the forward with col_scale, out0 and
+dropout, the dy pass with col_scale and dm, dx with col_scale and mask_all) are held to the same
+rules: pinned configs in every dtype and at r = 64 and 128, and every GEMM config they launch
+(``ops.configs.fits``) in bf16 (fp16 compiles to the same register counts).
 
 It runs tools/aot_compile.py in a child process (the session has TRITON_INTERPRET=1 set, and
 ``@triton.jit`` reads it at import). Environment:
@@ -31,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from tplora_kernels.ops import configs as C
+
 ROOT = Path(__file__).resolve().parents[2]
 GEMMS = ("linear_fwd", "linear_dx")
 KERNELS = {"shrink_fwd", "linear_fwd", "dy_bwd", "linear_dx", "shrink_bwd"}
@@ -46,6 +51,12 @@ RUNS = {
     # r = 128, the largest the README guarantees (or eight r = 16 adapters): the pinned forward
     # config is 128x128 there, and the dy pass reduces dB over 128-row blocks.
     "pinned_rank128": ["--dtypes", "bf16", "--dropout", "0.1", "--no-flag-sweep", "--rank", "128"],
+    # DoRA (issue 18): the same checks with each kernel's DoRA flags on.
+    "dora_gemm_all_configs": ["--dora", "--all-configs", "--kernels", ",".join(GEMMS), "--dtypes", "bf16",
+                              "--dropout", "0,0.1", "--no-flag-sweep"],
+    "dora_pinned": ["--dora", "--dtypes", "bf16,fp16,fp32", "--dropout", "0,0.1"],
+    "dora_pinned_rank64": ["--dora", "--dtypes", "bf16", "--dropout", "0.1", "--no-flag-sweep", "--rank", "64"],
+    "dora_pinned_rank128": ["--dora", "--dtypes", "bf16", "--dropout", "0.1", "--no-flag-sweep", "--rank", "128"],
 }
 
 
@@ -102,15 +113,23 @@ def test_every_variant_compiles_to_cubin(compiled):
 
 
 def test_gemm_configs_all_compiled(compiled):
-    # Every config of the GEMM autotune tables, in both 16-bit dtypes; dx without dropout, with it,
-    # and with per-row thresholds (several adapters in one batch).
-    rows = _gemm_16bit(compiled["runs"]["gemm_all_configs"][1])
-    for kernel, base in (("linear_fwd", {"pany"}), ("linear_dx", {"p0", "p0.1", "p0.1_row_thr"})):
-        variants = base | {f"{v}_w16" for v in base}  # fp32 LoRA weights, and 16-bit ones
-        got = {(r["dtype"], r["variant"], r["config"]) for r in rows if r["kernel"] == kernel}
-        n_cfg = max((r["n_configs"] for r in rows if r["kernel"] == kernel), default=0)
-        want = {(d, v, i) for d in ("bf16", "fp16") for v in variants for i in range(n_cfg)}
-        assert n_cfg and got == want, f"{kernel}: {n_cfg} configs; missing (dtype, p, config) {sorted(want - got)}"
+    # Every config of the GEMM autotune tables that a launch may use (ops.configs.fits: the
+    # forward with dropout or DoRA's flags keeps a part), in both 16-bit dtypes; dx without
+    # dropout, with it, and with per-row thresholds (several adapters in one batch); DoRA's in bf16.
+    plain = (("linear_fwd", {"p0", "p0.1"}), ("linear_dx", {"p0", "p0.1", "p0.1_row_thr"}))
+    dora = (("linear_fwd", {"p0_col_scale_out0", "p0.1_col_scale_out0"}),
+            ("linear_dx", {"p0_col_scale", "p0.1_col_scale_mask_all"}))
+    for run, dtypes, kernels in (("gemm_all_configs", ("bf16", "fp16"), plain),
+                                 ("dora_gemm_all_configs", ("bf16",), dora)):
+        rows = _gemm_16bit(compiled["runs"][run][1])
+        for kernel, base in kernels:
+            variants = base | {f"{v}_w16" for v in base}  # fp32 LoRA weights, and 16-bit ones
+            got = {(r["dtype"], r["variant"], r["config"]) for r in rows if r["kernel"] == kernel}
+            table = C.CONFIGS[kernel]
+            want = {(d, v, i) for d in dtypes for v in variants for i, c in enumerate(table)
+                    if C.fits(kernel, c, dora="col_scale" in v, dropout=v.startswith("p0.1"))}
+            assert got == want, (f"{run} {kernel}: missing (dtype, variant, config) {sorted(want - got)}, "
+                                 f"unexpected {sorted(got - want)}")
 
 
 def _spills(r: dict) -> bool:

@@ -30,6 +30,7 @@ __all__ = [
     "SHRINK_CONFIGS",
     "block_r",
     "dy_rows",
+    "fits",
     "pinned",
 ]
 
@@ -112,14 +113,44 @@ def dy_rows(padded_r: int) -> int:
 PINNED = {"linear_fwd": ((64, 0), (128, 2)), "shrink_fwd": ((32, 0), (128, 2))}
 
 
-def pinned(op: str, padded_r: int) -> int:
-    """Index in ``op``'s table of the config ``TPLORA_AUTOTUNE=0`` launches at this padded rank.
+# DoRA's forward (COL_SCALE: g per output column; OUT0: the pre-scale tile stored too; dropout of
+# x in the K loop) needs registers that the plain epilogue does not have to spare: at 128 fp32
+# accumulators per thread every such config spills (ptxas 13.4, sm_90a, r = 16, bf16 and fp16,
+# fp32 or 16-bit factors; spill stores with COL_SCALE+OUT0 at p = 0 / p = 0.1, at 255 registers):
+# 128x256 on 8 warps 156-160 / 304-312 B, 128x128 on 4 warps 196-208 / 416-540 B, 64x256 on 4
+# warps 148-160 / 296-308 B. With at most 64 accumulators per thread they compile clean (166-232
+# registers), but for 128x64 on 4 warps with dropout (12-16 B): 8 Philox calls per thread and K
+# step, where the clean ones make at most 4 (BLOCK_M <= 16 per warp). So such launches keep
+# those configs only; the plain forward keeps its whole table.
+_DORA_ACC = 64
+
+
+def fits(op: str, config: triton.Config, *, dora: bool = False, dropout: bool = False) -> bool:
+    """Whether a launch of ``op`` with DoRA's flags (``dora``: col_scale or out0) and dropout may use ``config``.
+
+    Only the forward restricts its table (see the comment above); every other op and the plain
+    forward accept every config.
 
     Example:
-        >>> pinned("linear_fwd", 128), pinned("dy_bwd", 16)
-        (2, 0)
+        >>> [fits("linear_fwd", c, dora=True) for c in LINEAR_CONFIGS[:3]]
+        [False, False, True]
+    """
+    if op != "linear_fwd" or not (dora or dropout):
+        return True
+    m, n, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
+    return m * n // (32 * warps) <= _DORA_ACC and (not dropout or m <= 16 * warps)
+
+
+def pinned(op: str, padded_r: int, *, dora: bool = False, dropout: bool = False) -> int:
+    """Index in ``op``'s table of the config ``TPLORA_AUTOTUNE=0`` launches at this padded rank.
+
+    With DoRA's flags or dropout (``fits``): the first fitting config from the plain choice on.
+
+    Example:
+        >>> pinned("linear_fwd", 128), pinned("dy_bwd", 16), pinned("linear_fwd", 16, dora=True)
+        (2, 0, 2)
     """
     steps = PINNED.get(op)
-    if steps is None:
-        return 0
-    return next((index for top, index in steps if padded_r <= top), steps[-1][1])
+    first = 0 if steps is None else next((index for top, index in steps if padded_r <= top), steps[-1][1])
+    table = CONFIGS[op]
+    return next(i for i in range(first, len(table)) if fits(op, table[i], dora=dora, dropout=dropout))

@@ -19,8 +19,9 @@ constexpr flag whose off setting compiles to the code above:
 * ``linear_fwd``: ``acc = drop(X) Wᵀ + s·u Bᵀ`` (``HAS_DROPOUT``: X masked in the K loop with
   shrink_fwd's bits, only that product rescaled); ``OUT0`` stores ``acc`` (pre-scale, no bias),
   then ``out = g ⊙ acc (+ bias)``.
-* ``dy_bwd``: ``g ⊙ dy`` feeds du and dB (g applied on dy's load); ``COMPUTE_DM`` also reduces
-  ``dm = Σ_t dy ⊙ y0`` over u's rows from the same read of dy, as fp32 partials per row block.
+* ``dy_bwd``: ``g ⊙ dy`` feeds du and dB (as ``dy (g ⊙ B)`` and ``g ⊙ (dyᵀ u)``: the small
+  tiles take g, not dy's); ``COMPUTE_DM`` also reduces ``dm = Σ_t dy ⊙ y0`` over u's rows from
+  the same read of dy, as fp32 partials per row block.
 * ``linear_dx``: ``(g ⊙ dy) W + du A``; ``MASK_ALL`` masks the whole sum (in the epilogue)
   instead of the LoRA term only.
 
@@ -318,8 +319,10 @@ def _lora_dy_bwd_kernel(
     # at most for r <= 16, and the column splits give the grid enough programs for the GPU.
     # u holds rows [U_ROW0, U_ROW0 + U_ROWS) of dy's row space (row-parallel SP keeps only its
     # own rows of u); partial slot = this block's index among the blocks that meet those rows.
-    # DoRA: du and dB take g ⊙ dy (COL_SCALE); dm's Σ_t dy ⊙ y0 over the same rows as dB (y0
-    # indexed like u) goes to fp32 partials p_dmp[block, N] from the same tile of dy (COMPUTE_DM).
+    # DoRA: du and dB take g ⊙ dy (COL_SCALE), applied as (g ⊙ B) to du's small B tile and as
+    # g ⊙ (dyᵀ u) to dB's partial, never to the big dy tile: scaling that one costs the registers
+    # that spill at r = 64 (ptxas: 48 B). dm's Σ_t dy ⊙ y0 over the same rows as dB (y0 indexed
+    # like u) goes to fp32 partials p_dmp[block, N] from the same tile of dy (COMPUTE_DM).
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     o_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -351,12 +354,13 @@ def _lora_dy_bwd_kernel(
                 # Raw dy (dm's g is the caller's); where(), as for dB below: another rank's Inf is not NaN here.
                 b_dm = tl.sum(tl.where(m_u[:, None], b_dy.to(tl.float32) * b_y0.to(tl.float32), 0.0), axis=0)
                 tl.store(p_dmp + slot * s_qt + o_n * s_qn, b_dm, mask=m_n)
-        if COL_SCALE:  # g ⊙ dy rounded once to dy's dtype, the dots' operand dtype
+        if COL_SCALE:
             b_g = tl.load(p_g + o_n * s_g, mask=m_n, other=0.0)
-            b_dy = _cast_out(b_dy.to(tl.float32) * b_g[None, :], p_dy, INTERP_BF16)
         if COMPUTE_DU:
             b_b = tl.load(p_b + o_n[:, None] * s_bn + o_r[None, :] * s_br, mask=m_n[:, None] & m_r[None, :],
                           other=0.0)
+            if COL_SCALE:  # g ⊙ B in fp32, rounded once to dy's dtype for the dot (as B alone is)
+                b_b = b_b.to(tl.float32) * b_g[:, None]
             acc_du = _dot(b_dy, b_b, acc_du, _B_TO_A, INTERP_BF16, PRECISION)
         if COMPUTE_DB:
             if do_db:
@@ -364,6 +368,8 @@ def _lora_dy_bwd_kernel(
                 # an Inf there must not become Inf * 0 = NaN in this rank's dB.
                 b_dyu = tl.where(m_u[:, None], b_dy, 0.0)
                 db = _dot(tl.trans(b_dyu), b_u, None, _B_TO_A, INTERP_BF16, PRECISION)
+                if COL_SCALE:
+                    db = db * b_g[:, None]
                 tl.store(p_dbp + slot * s_pt + o_n[:, None] * s_pn + o_r[None, :] * s_pr, db,
                          mask=m_n[:, None] & m_r[None, :])
     if COMPUTE_DU:

@@ -69,16 +69,29 @@ class Backend:
         """``u = drop(x) Aᵀ`` into ``u``; also copy x into ``x_out`` when given."""
         raise NotImplementedError
 
-    def linear_fwd(self, x, w, u, b, bias, out, scale, rpc) -> None:
-        """``out = x Wᵀ + s·u Bᵀ (+ bias)`` into ``out``."""
+    def linear_fwd(self, x, w, u, b, bias, out, scale, rpc, *, col_scale=None, out0=None, drop=None) -> None:
+        """``out = x Wᵀ + s·u Bᵀ (+ bias)`` into ``out``.
+
+        DoRA's keywords (passed only when set): ``acc = drop(x) Wᵀ + s·u Bᵀ`` (an active ``drop``
+        masks and rescales the base product only), ``out0 <- acc``, ``out = col_scale ⊙ acc + bias``.
+        """
         raise NotImplementedError
 
-    def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc) -> torch.Tensor | None:
-        """``du = s·dy B`` into ``du`` (if given); return fp32 ``dB = s·dy[u rows]ᵀ u`` (if u given)."""
+    def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc, *, col_scale=None, y0=None,
+               dm_out=None) -> torch.Tensor | None:
+        """``du = s·dy B`` into ``du`` (if given); return fp32 ``dB = s·dy[u rows]ᵀ u`` (if u given).
+
+        DoRA's keywords (passed only when set): ``g ⊙ dy`` for dy in both (``col_scale``), and
+        ``dm_out <- Σ_t dy ⊙ y0`` over y0's rows (``[u_row0, u_row0 + Y)``, raw dy), u given or not.
+        """
         raise NotImplementedError
 
-    def linear_dx(self, dy, w, du, a, dx, drop, rpc) -> None:
-        """``dx = dy W + (du A) ⊙ M / (1-p)`` into ``dx``."""
+    def linear_dx(self, dy, w, du, a, dx, drop, rpc, *, col_scale=None, mask_all=False) -> None:
+        """``dx = dy W + (du A) ⊙ M / (1-p)`` into ``dx``.
+
+        DoRA's keywords (passed only when set): ``(g ⊙ dy) W`` for ``dy W`` (``col_scale``), and with
+        ``mask_all`` the whole sum masked and rescaled.
+        """
         raise NotImplementedError
 
     def shrink_bwd(self, du, x, drop, rpc) -> torch.Tensor:

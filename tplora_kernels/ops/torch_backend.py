@@ -141,7 +141,7 @@ class TorchBackend(Backend):
 
     def dy_bwd(self, dy, b, u, u_row0, du, scale, rpc, *, col_scale=None, y0=None, dm_out=None):
         dyc = row_chunks(dy, rpc)
-        # g ⊙ dy in fp32 (the kernels round it to dy's dtype for their dots; this is the exact product).
+        # g ⊙ dy in fp32 (the kernels fold g into B for du, rounded to dy's dtype, and scale dB's fp32 sums).
         gdy = (lambda t: t.float() * col_scale) if col_scale is not None else (lambda t: t.float())
         if du is not None:
             bf = b.float()

@@ -20,11 +20,21 @@ from .registry import Backend, Support, register_backend
 
 __all__ = ["InterpretBackend", "TritonBackend"]
 
-# Autotune keys: the model dimensions each kernel's tiles depend on, never the token count.
-_AUTOTUNE_KEYS = {"linear_fwd": ["N", "K", "R"], "linear_dx": ["N", "K", "R"], "shrink_fwd": ["K", "R"],
-                  "shrink_bwd": ["K", "R"], "dy_bwd": ["N", "R"]}
+# Autotune keys: the model dimensions each kernel's tiles depend on, never the token count; and
+# the forward's DoRA flags, whose launches tune over a pruned table of their own (``_prune_fwd``).
+_AUTOTUNE_KEYS = {"linear_fwd": ["N", "K", "R", "COL_SCALE", "OUT0", "HAS_DROPOUT"], "linear_dx": ["N", "K", "R"],
+                  "shrink_fwd": ["K", "R"], "shrink_bwd": ["K", "R"], "dy_bwd": ["N", "R"]}
 
-_TUNED = {op: triton.autotune(C.CONFIGS[op], key=_AUTOTUNE_KEYS[op])(kernel) for op, kernel in KERNELS.items()}
+
+def _prune_fwd(configs, nargs, **kwargs):
+    """The forward's configs that fit DoRA's flags and dropout in the registers (``configs.fits``)."""
+    dora, dropout = kwargs["COL_SCALE"] or kwargs["OUT0"], kwargs["HAS_DROPOUT"]
+    return [c for c in configs if C.fits("linear_fwd", c, dora=dora, dropout=dropout)]
+
+
+_PRUNE = {"linear_fwd": {"early_config_prune": _prune_fwd}}
+_TUNED = {op: triton.autotune(C.CONFIGS[op], key=_AUTOTUNE_KEYS[op], prune_configs_by=_PRUNE.get(op))(kernel)
+          for op, kernel in KERNELS.items()}
 
 
 def _rs(t: torch.Tensor, rpc: int) -> tuple[int, int, int]:
@@ -92,11 +102,12 @@ class TritonBackend(Backend):
         return Support(True)
 
     # -- per-backend launch details ----------------------------------------------------------
-    def _kernel(self, op: str, R: int):
-        """(callable, meta) for a launch at rank ``R``: the autotuner, or the raw kernel with the pinned config."""
+    def _kernel(self, op: str, R: int, **variant):
+        """(callable, meta) for a launch at rank ``R``: the autotuner, or the raw kernel with the pinned
+        config (``variant``: the forward's ``dora`` and ``dropout``, see ``configs.fits``)."""
         if os.environ.get("TPLORA_AUTOTUNE", "1") != "0":
             return _TUNED[op], {}
-        c = C.CONFIGS[op][C.pinned(op, C.block_r(R))]
+        c = C.CONFIGS[op][C.pinned(op, C.block_r(R), **variant)]
         return KERNELS[op], {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
     def _flags(self, dtype: torch.dtype) -> dict:
@@ -120,7 +131,7 @@ class TritonBackend(Backend):
         T, N, K, R = out.numel() // out.shape[-1], w.shape[0], w.shape[1], b.shape[1]
         drop = NO_DROPOUT if drop is None else drop
         o0 = out0 if out0 is not None else out  # unused pointers when their flag is off
-        fn, meta = self._kernel("linear_fwd", R)
+        fn, meta = self._kernel("linear_fwd", R, dora=col_scale is not None or out0 is not None, dropout=drop.active)
         grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
         fn[grid](p_x=x, p_w=w, p_u=u, p_b=b, p_bias=bias if bias is not None else w, p_out=out,
                  p_g=col_scale if col_scale is not None else w, p_out0=o0,
@@ -211,7 +222,7 @@ class InterpretBackend(TritonBackend):
             return Support(False, "runs on CPU tensors")
         return _interpreter_works()
 
-    def _kernel(self, op: str, R: int):
+    def _kernel(self, op: str, R: int, **variant):
         return KERNELS[op], {k: C.INTERP_BLOCK for k in C.CONFIGS[op][0].kwargs}
 
     def _flags(self, dtype: torch.dtype) -> dict:
