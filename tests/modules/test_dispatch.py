@@ -122,7 +122,7 @@ def dispatch_errors_task(ctx) -> None:
     from peft import LoraConfig
 
     cases = {
-        "use_dora": dict(use_dora=True),
+        "layer_replication": dict(layer_replication=[(0, 1)]),
         "lora_bias": dict(lora_bias=True),
         "init_lora_weights": dict(init_lora_weights="pissa"),
         "bias": dict(bias="all"),
@@ -176,16 +176,18 @@ def test_dispatch_honours_lora_options(dist_pool, which):
 
 
 def test_dispatch_rejects_unsupported_options_by_name(dist_pool):
-    """dispatch_megatron refuses options it cannot honour (DoRA, LoRA bias, other inits, bias,
-    fan_in_fan_out) by name and leaves the target unchanged.
+    """dispatch_megatron refuses options it cannot honour (layer replication, LoRA bias, other inits,
+    bias, fan_in_fan_out) by name and leaves the target unchanged. (DoRA is supported: its tests are
+    tests/modules/test_dora_modules.py and tests/integration/test_dora_*.py.)
     """
     dist_pool.run(dispatch_errors_task, 1)
 
 
 def test_config_checks_without_a_model():
     """The option checks and pattern matching work on a config alone, before any model exists."""
-    with pytest.raises(ValueError, match="use_dora"):
-        check_config(SimpleNamespace(r=1, lora_alpha=1, use_dora=True))
+    with pytest.raises(ValueError, match="use_qalora"):
+        check_config(SimpleNamespace(r=1, lora_alpha=1, use_qalora=True))
+    check_config(SimpleNamespace(r=1, lora_alpha=1, use_dora=True))  # DoRA is supported
     with pytest.raises(ValueError, match="init_lora_weights"):
         check_config(LoRAConfig(init_lora_weights="olora"))
     with pytest.raises(TypeError, match="lora_config"):
@@ -203,8 +205,9 @@ def test_register_rejects_unsupported_options_before_touching_a_model():
 
     import tplora_kernels.peft as tpeft
 
-    with pytest.raises(ValueError, match="use_dora"):
-        tpeft.register(LoraConfig(use_dora=True))
+    with pytest.raises(ValueError, match="lora_bias"):
+        tpeft.register(LoraConfig(lora_bias=True))
+    assert tpeft.register(LoraConfig(use_dora=True)).use_dora, "register must accept DoRA"
     with pytest.raises(TypeError, match="LoraConfig"):
         tpeft.register(LoRAConfig())
     cfg = tpeft.register(LoraConfig(r=2))
