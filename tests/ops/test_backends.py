@@ -21,7 +21,7 @@ def test_unknown_name_and_wrong_device_say_why():
         select.get_backend("cpu", "triton")
 
 
-def test_a_broken_interpreter_is_refused_with_the_reason(kernel_backend, monkeypatch):
+def test_a_broken_interpreter_is_refused_with_the_reason(kernel_backend):
     if kernel_backend != "interpret":
         pytest.skip("the interpreter is off in this session")
 
@@ -31,21 +31,10 @@ def test_a_broken_interpreter_is_refused_with_the_reason(kernel_backend, monkeyp
                 raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
             return launch
 
-    TB._interpreter_works.cache_clear()
-    monkeypatch.setattr(TB, "_interpreter_probe_kernel", Broken())
-    try:
-        with pytest.raises(ValueError, match=r"interpreter fails with numpy .*install numpy<2.4"):
-            select.get_backend("cpu", "interpret")
-    finally:
-        monkeypatch.undo()
-        TB._interpreter_works.cache_clear()
-    assert select.get_backend("cpu", "interpret").name == "interpret", "the real probe passes here"
-
-
-def monkeypatch_free_unregister(name: str) -> None:
-    """Take a test backend out of the registry again (the registry has no public unregister)."""
-    registry._REGISTRY.pop(name, None)
-    registry._INSTANCES.pop(name, None)
+    broken = TB.probe_interpreter(Broken())
+    assert not broken and "install numpy<2.4" in broken.reason, f"a failing probe must say why and how: {broken}"
+    assert TB.probe_interpreter(), "the real probe passes here"
+    assert select.get_backend("cpu", "interpret").name == "interpret", "the interpret backend runs here"
 
 
 def test_a_registered_backend_is_used_by_name():
@@ -63,4 +52,4 @@ def test_a_registered_backend_is_used_by_name():
         with pytest.raises(ValueError, match="test-doubling"):
             select.get_backend("cpu", "nope")  # the error lists the registry's names, the new one too
     finally:
-        monkeypatch_free_unregister("test-doubling")
+        registry.unregister_backend("test-doubling")

@@ -14,6 +14,7 @@ import torch
 import triton
 
 __all__ = [
+    "AUTOTUNE_KEYS",
     "CONFIGS",
     "DX_CONFIGS",
     "DY_COLS",
@@ -87,6 +88,11 @@ SHRINK_BWD_CONFIGS = _cfgs([{"BLOCK_K": 64}, {"BLOCK_K": 128}], warps=(4,))
 # 8 warps first: the pinned config must not spill up to Σr = 64 (four r = 16 adapters in one
 # batch), where 4 warps hold 256x64 fp32 du accumulators in 128 threads and spill (ptxas: 644 B).
 DY_CONFIGS = _cfgs([{}], warps=(8, 4))
+
+# Autotune keys: the model dimensions each kernel's tiles depend on, never the token count; and the
+# forward's DoRA flags, whose launches tune over a table pruned by ``fits``.
+AUTOTUNE_KEYS = {"linear_fwd": ["N", "K", "R", "COL_SCALE", "OUT0", "HAS_DROPOUT"], "linear_dx": ["N", "K", "R"],
+                 "shrink_fwd": ["K", "R"], "shrink_bwd": ["K", "R"], "dy_bwd": ["N", "R"]}
 
 CONFIGS = {"linear_fwd": LINEAR_CONFIGS, "linear_dx": DX_CONFIGS, "shrink_fwd": SHRINK_CONFIGS,
            "shrink_bwd": SHRINK_BWD_CONFIGS, "dy_bwd": DY_CONFIGS}

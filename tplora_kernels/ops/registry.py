@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["Backend", "Support", "backend_names", "instance", "register_backend"]
+__all__ = ["Backend", "Support", "backend_names", "instance", "register_backend", "unregister_backend"]
 
 
 class Support:
@@ -123,6 +123,16 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
     _REGISTRY[cls.name] = cls
     _INSTANCES.pop(cls.name, None)
     return cls
+
+
+def unregister_backend(name: str) -> None:
+    """Take backend ``name`` out of the registry (a no-op for an unknown name).
+
+    Example:
+        >>> unregister_backend("not-registered")
+    """
+    _REGISTRY.pop(name, None)
+    _INSTANCES.pop(name, None)
 
 
 def backend_names() -> tuple[str, ...]:

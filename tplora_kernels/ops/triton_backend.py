@@ -18,13 +18,7 @@ from . import configs as C
 from .kernels import KERNELS, interpreter_active
 from .registry import Backend, Support, register_backend
 
-__all__ = ["InterpretBackend", "TritonBackend"]
-
-# Autotune keys: the model dimensions each kernel's tiles depend on, never the token count; and
-# the forward's DoRA flags, whose launches tune over a pruned table of their own (``_prune_fwd``).
-_AUTOTUNE_KEYS = {"linear_fwd": ["N", "K", "R", "COL_SCALE", "OUT0", "HAS_DROPOUT"], "linear_dx": ["N", "K", "R"],
-                  "shrink_fwd": ["K", "R"], "shrink_bwd": ["K", "R"], "dy_bwd": ["N", "R"]}
-
+__all__ = ["InterpretBackend", "TritonBackend", "probe_interpreter"]
 
 def _prune_fwd(configs, nargs, **kwargs):
     """The forward's configs that fit DoRA's flags and dropout in the registers (``configs.fits``)."""
@@ -33,7 +27,7 @@ def _prune_fwd(configs, nargs, **kwargs):
 
 
 _PRUNE = {"linear_fwd": {"early_config_prune": _prune_fwd}}
-_TUNED = {op: triton.autotune(C.CONFIGS[op], key=_AUTOTUNE_KEYS[op], prune_configs_by=_PRUNE.get(op))(kernel)
+_TUNED = {op: triton.autotune(C.CONFIGS[op], key=C.AUTOTUNE_KEYS[op], prune_configs_by=_PRUNE.get(op))(kernel)
           for op, kernel in KERNELS.items()}
 
 
@@ -66,25 +60,35 @@ def _interpreter_probe_kernel(p_out, n):
     tl.store(p_out + tl.arange(0, 1), acc)
 
 
-@functools.cache
-def _interpreter_works() -> Support:
-    """Whether this triton's interpreter runs a loop with this numpy (probed once).
+def probe_interpreter(kernel=None) -> Support:
+    """Whether this triton's interpreter runs a loop with this numpy (the ``interpret`` backend probes once).
 
     triton 3.6 and 3.8's interpreter turn a loop bound into an int with ``int(array)``, which
     numpy >= 2.4 refuses for 1-element arrays (``only 0-dimensional arrays can be converted``);
     3.7.1 and 3.9 squeeze first. A version table would guess; the probe knows.
+
+    Args:
+        kernel: the probe to launch as ``kernel[(1,)](out, 3)`` (default: a loop summing 1 three times).
+
+    Returns:
+        ``Support``: falsy with the reason (and the fix) when the interpreter fails.
     """
     import numpy as np
 
     out = torch.zeros(1)
     try:
-        _interpreter_probe_kernel[(1,)](out, 3)
+        (kernel or _interpreter_probe_kernel)[(1,)](out, 3)
     except TypeError as e:
         return Support(False, f"triton {triton.__version__}'s interpreter fails with numpy {np.__version__} ({e}); "
                               "install numpy<2.4, or triton 3.7.1 or >= 3.9")
     if out.item() != 3.0:
         return Support(False, f"triton {triton.__version__}'s interpreter computed a wrong loop sum ({out.item()})")
     return Support(True)
+
+
+@functools.cache
+def _interpreter_works() -> Support:
+    return probe_interpreter()
 
 
 @register_backend
