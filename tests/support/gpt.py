@@ -615,13 +615,15 @@ def _run_tasks(rank: int, tasks: list) -> dict:
     return results
 
 
-def run_world(t: int, tasks: list[tuple[str, str, dict]], out_dir: str, timeout: float = 240.0) -> list[dict]:
+def run_world(t: int, tasks: list[tuple[str, str, dict]], out_dir: str, timeout: float = 240.0,
+              pg_timeout_s: float = PG_TIMEOUT_S) -> list[dict]:
     """Spawn ``t`` gloo ranks with TP = t, run ``tasks`` (label, function name, kwargs) on each.
 
     Returns one ``{label: result | TaskError}`` per rank. Every rank, and what it started, is gone
-    once this returns or raises; a timeout names the task each rank had reached.
+    once this returns or raises; a timeout names the task each rank had reached. ``pg_timeout_s``:
+    how long a rank may wait in a collective (longer where some ranks idle while others work).
     """
-    return launch.spawn_world(_run_tasks, t, args=(tasks,), timeout=timeout, pg_timeout_s=PG_TIMEOUT_S,
+    return launch.spawn_world(_run_tasks, t, args=(tasks,), timeout=timeout, pg_timeout_s=pg_timeout_s,
                               workdir=out_dir, name=f"TP={t} world")
 
 
