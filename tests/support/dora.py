@@ -59,6 +59,10 @@ def rules(m) -> dict[str, tuple[int, int] | None]:
 
 
 def holders(m, adapter: str = "default") -> dict[str, torch.nn.Parameter]:
+    """A layer's ``{"A", "B", "m"}`` parameters of ``adapter``; an AssertionError if it is not a DoRA adapter."""
+    if adapter not in m.lora_magnitude_vector:
+        raise AssertionError(f"{type(m).__name__}: adapter {adapter!r} has no DoRA magnitude (lora_magnitude_vector "
+                             f"holds {sorted(m.lora_magnitude_vector)}; use_dora={m.use_dora.get(adapter)})")
     return {"A": m.lora_A[adapter].weight, "B": m.lora_B[adapter].weight, "m": m.lora_magnitude_vector[adapter].weight}
 
 
@@ -145,6 +149,7 @@ def set_magnitudes(model, seed: int = G.SEED + 31) -> None:
     """
     g = torch.Generator().manual_seed(seed)
     for _, m in G.lora_layers(model):
+        holders(m)  # a DoRA adapter, or an AssertionError that says so
         rule, opts = rules(m), m.adapter_options("default")
         w = G.full_param(m.base_layer.weight, G.tp_group()).double()
         a = _gather(m.lora_A["default"].weight, rule["A"]).double()
@@ -425,9 +430,10 @@ def peft_train_task(path: str) -> dict | str:
     """
     with L.tensor_parallel(2):
         full = L.base_weights(L.build_megatron(ARCH))
-        out = _train_peft(full, path) if dist.get_rank() == 0 else SKIPPED
-        dist.barrier()
-        return out
+        try:
+            return _train_peft(full, path) if dist.get_rank() == 0 else SKIPPED
+        finally:
+            dist.barrier()  # also when rank 0 raised: every rank then meets the next task's collectives
 
 
 def import_task(path: str, tp: int, merge: bool = False) -> dict:
@@ -520,6 +526,39 @@ def roundtrip_task(root: str, fmt: str, tp: int) -> dict:
 TOY_R, TOY_ALPHA = 4, 8
 
 
+def _toy_peft(group, tp: int, ours: str) -> dict:
+    """The TP-2 half of ``toy_task``: PEFT's registration, forward/backward, save_adapter, PEFT's merges."""
+    from peft import get_peft_model
+
+    from .layers import K, ToyMLP, full_base, inputs, peft_config
+
+    out: dict = {}
+    torch.manual_seed(G.SEED + 51)
+    pm = get_peft_model(ToyMLP(group, tp), peft_config(r=TOY_R, lora_alpha=TOY_ALPHA, init_lora_weights=False,
+                                                       use_dora=True, target_modules=["fc1", "fc2"],
+                                                       backend="torch"))
+    set_magnitudes(pm, G.SEED + 52)
+    inner = pm.base_model.model
+    out["types"] = [type(inner.fc1).__name__, type(inner.fc2).__name__]
+    out["trainable"] = sorted(n for n, p in pm.named_parameters() if p.requires_grad)
+    x = inputs((6, 2, K), seed=9).requires_grad_(True)
+    y = pm(x)
+    y.square().sum().backward()
+    out.update(y=y.detach(), dx=x.grad.clone(), grads=tensors(pm, grad=True), tensors=tensors(pm),
+               base_full={n: full_base(getattr(inner, n)) for n in ("fc1", "fc2")})
+    tplora_kernels.save_adapter(pm, ours, group=group)
+    with torch.no_grad():
+        pm.merge_adapter()
+        out["merge_adapter"] = (inner.fc1.merged and inner.fc2.merged, pm(x))
+        pm.unmerge_adapter()
+        out["unmerge_adapter"] = (inner.fc1.merged or inner.fc2.merged, pm(x),
+                                  {n: full_base(getattr(inner, n)) for n in ("fc1", "fc2")})
+        merged = pm.merge_and_unload()
+        out["unloaded_types"] = [type(merged.fc1).__name__, type(merged.fc2).__name__]
+        out["unloaded"] = (merged(x), {n: full_base(getattr(merged, n)) for n in ("fc1", "fc2")})
+    return out
+
+
 def toy_task(ours: str, dense: str, tp: int) -> dict:
     """DoRA through PEFT's registration on the toy Megatron MLP (fc1 column, fc2 row) at TP = ``tp``.
 
@@ -528,37 +567,19 @@ def toy_task(ours: str, dense: str, tp: int) -> dict:
     ``load_adapter`` of ``ours`` and of ``dense`` (stock PEFT's DoRA adapter of the dense twin)
     into a fresh model; its outputs.
     """
-    from .layers import K, ToyMLP, full_base, inputs, peft_config
+    from .layers import K, ToyMLP, full_base, inputs
 
     with L.tensor_parallel(tp):
         group = G.tp_group()
         out: dict = {}
+        # A failure of one part is raised at the end, so that every rank still makes the same
+        # collectives in the same order (the loads are collective over the job) and the world lives on.
+        failure = None
         if tp == 2 and working(tp):  # the replicas would repeat it (and import peft) for nothing
-            from peft import get_peft_model
-
-            torch.manual_seed(G.SEED + 51)
-            pm = get_peft_model(ToyMLP(group, tp), peft_config(r=TOY_R, lora_alpha=TOY_ALPHA, init_lora_weights=False,
-                                                               use_dora=True, target_modules=["fc1", "fc2"],
-                                                               backend="torch"))
-            set_magnitudes(pm, G.SEED + 52)
-            inner = pm.base_model.model
-            out["types"] = [type(inner.fc1).__name__, type(inner.fc2).__name__]
-            out["trainable"] = sorted(n for n, p in pm.named_parameters() if p.requires_grad)
-            x = inputs((6, 2, K), seed=9).requires_grad_(True)
-            y = pm(x)
-            y.square().sum().backward()
-            out.update(y=y.detach(), dx=x.grad.clone(), grads=tensors(pm, grad=True), tensors=tensors(pm),
-                       base_full={n: full_base(getattr(inner, n)) for n in ("fc1", "fc2")})
-            tplora_kernels.save_adapter(pm, ours, group=group)
-            with torch.no_grad():
-                pm.merge_adapter()
-                out["merge_adapter"] = (inner.fc1.merged and inner.fc2.merged, pm(x))
-                pm.unmerge_adapter()
-                out["unmerge_adapter"] = (inner.fc1.merged or inner.fc2.merged, pm(x),
-                                          {n: full_base(getattr(inner, n)) for n in ("fc1", "fc2")})
-                merged = pm.merge_and_unload()
-                out["unloaded_types"] = [type(merged.fc1).__name__, type(merged.fc2).__name__]
-                out["unloaded"] = (merged(x), {n: full_base(getattr(merged, n)) for n in ("fc1", "fc2")})
+            try:
+                out.update(_toy_peft(group, tp, ours))
+            except Exception as e:
+                failure = e
         if tp == 2:
             dist.barrier()  # the file is written before any rank reads it
         x = inputs((6, 2, K), seed=9)
@@ -566,11 +587,17 @@ def toy_task(ours: str, dense: str, tp: int) -> dict:
             model = ToyMLP(group, tp)
             tplora_kernels.apply_lora(model, tplora_kernels.LoRAConfig(r=2, target_modules=["fc1", "fc2"],
                                                                        backend="torch"))
-            tplora_kernels.load_adapter(model, path, adapter_name="loaded")
+            try:  # the loaders refuse on every rank alike, before any transfer
+                tplora_kernels.load_adapter(model, path, adapter_name="loaded")
+            except (OSError, ValueError) as e:
+                failure = failure or e
+                continue
             with torch.no_grad():
                 out[f"y_{name}"] = model(x)
             out[f"dora_{name}"] = [model.fc1.adapter_options("loaded").use_dora,
                                    model.fc2.adapter_options("loaded").use_dora]
+        if failure is not None:
+            raise failure
         if "base_full" not in out:
             out["base_full"] = {n: full_base(getattr(model, n)) for n in ("fc1", "fc2")}
         return out
