@@ -2,6 +2,8 @@
 
 * ``lora_dense``: the single-device math on full matrices, in whatever dtype it is given
   (the tests run it in fp64). Same mask function, so it is comparable element for element.
+* ``dora_dense``: the same for DoRA (PEFT's formula, the weight norm a constant in backward):
+  the tests' oracle of ``magnitude=`` calls and of the ``use_dora`` modules.
 * ``column_parallel_lora_reference`` / ``row_parallel_lora_reference``: PEFT's
   ``LoraParallelLinear`` structure per rank, written in stock torch ops and Megatron-style
   autograd collectives: the base layer with its collectives, then a separate LoRA branch with
@@ -31,6 +33,7 @@ from .mode import TPMode
 
 __all__ = [
     "column_parallel_lora_reference",
+    "dora_dense",
     "lora_dense",
     "row_parallel_lora_reference",
 ]
@@ -79,6 +82,58 @@ def lora_dense(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def dora_dense(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+               magnitude: torch.Tensor, *, bias: torch.Tensor | None = None, scale: float = 1.0,
+               dropout_p: float = 0.0, seed: int | torch.Tensor | None = None) -> torch.Tensor:
+    """DoRA on full matrices, unfused, PEFT's formula (``peft.tuners.lora.dora.DoraLinearLayer``).
+
+    With ``g = m / ‖W + s·B A‖`` (row norms over K, computed from detached W, A, B: a constant in
+    backward, as in the paper's §4.3 and PEFT):
+
+    * dropout off: ``y = g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + bias``;
+    * dropout on (``x_d = x ⊙ M / (1-p)``, M the package's Philox mask ``mask.keep_mask``):
+      ``y = x Wᵀ + bias + (g − 1) ⊙ (x_d Wᵀ) + g ⊙ s·(x_d Aᵀ Bᵀ)``.
+
+    Everything runs in plain torch autograd ops, unfused, in x's dtype (the factors are cast to
+    it, as ``lora_dense`` does; ``g`` is computed in the promoted dtype of the magnitude and the
+    norm, and the output cast back to x's dtype). The tests run it in fp64 as the oracle of every
+    DoRA path: rows are x's leading dimensions flattened in order, columns the global features,
+    so any TP layout's pieces map back to it.
+
+    Args:
+        x: ``[..., K]``.
+        weight: ``[N, K]`` base weight; lora_a: ``[r, K]``; lora_b: ``[N, r]``; bias: ``[N]`` or None.
+        magnitude: ``[N]`` DoRA magnitude m (PEFT's ``lora_magnitude_vector``).
+        scale: LoRA scale s.
+        dropout_p: dropout probability; the mask is ``mask.keep_mask(seed, ...)``.
+        seed: dropout seed (required when dropout_p > 0).
+
+    Returns:
+        ``[..., N]`` in x's dtype, differentiable with plain autograd w.r.t. x, A, B and m (the
+        norm is detached, so dA and dB lack the norm's terms, as in PEFT).
+
+    Example:
+        >>> x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+        >>> m = torch.linalg.norm(w + 0.5 * b @ a, dim=1)   # PEFT's initial magnitude
+        >>> y = dora_dense(x, w, a, b, m, scale=0.5)
+        >>> y.shape, bool(torch.allclose(y, lora_dense(x, w, a, b, scale=0.5), atol=1e-5))
+        (torch.Size([3, 4]), True)
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    with torch.no_grad():  # the norm is a constant in backward (PEFT: weight_norm.detach())
+        norm = torch.linalg.norm(weight.detach() + scale * (b.detach() @ a.detach()), dim=1)
+    g = magnitude / norm
+    if dropout_p:
+        xd = _dropout(x2, dropout_p, seed, 0, 0, "philox")
+        y = x2 @ weight.t() + (g - 1) * (xd @ weight.t()) + g * (scale * ((xd @ a.t()) @ b.t()))
+    else:
+        y = g * (x2 @ weight.t() + scale * ((x2 @ a.t()) @ b.t()))
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
