@@ -17,6 +17,7 @@ _QUICK = {"tokens": 64, "d_in": 64, "d_out": 64, "r": 8, "p": "0.1", "warmup": 1
 # `time python -m bench` on the 2-core VM of bench/NOTES.md §3 (230 s of CPU time); README says the same.
 DEFAULT_RUN_MINUTES = "4"
 DEFAULT_MULTI = "off"
+DEFAULT_DORA = "off"
 
 _EPILOG = """\
 Contenders per case: the frozen base layer alone (the floor); "reference", our torch emulation of
@@ -40,12 +41,20 @@ once per adapter on its own sample; checked to agree before timing. Backend "aut
 package picks triton or cublas per layer shape (recorded with its times); "triton" or "cublas"
 times one path.
 
+DoRA cases (--dora on|only; not in the default run): per TP size, mode and --p, "lora" (the fused
+LoRA call), "dora" (the fused DoRA call, magnitude=; the norm's LoRA part recomputed per call, as
+after every optimizer step) and "peft_dora" (PEFT's DoRA math per rank, unfused, B·A materialised
+for the norm in every forward, fp32 factors: bench/peft_dora.py); checked to agree before timing.
+Reported: dora/lora and dora/peft_dora fwd+bwd ratios, saved bytes (DoRA: at most LoRA's plus one
+output-sized tensor), collectives (DoRA: LoRA's, none added).
+
 Writes bench.json, bench.csv and bench.png under --out-dir, and a table on stdout.
 Examples:
   python -m bench
   python -m bench --quick --tp 1,2
   python -m bench --kind row --tp 2 --sp on --tokens 2048 --p 0.1
   python -m bench --multi only --tp 1,2
+  python -m bench --dora only --quick
   python -m bench --tp 1,2,4 --dtype bf16 --backend triton --out-dir bench_out/h200
 """.replace("{minutes}", DEFAULT_RUN_MINUTES)
 
@@ -92,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"batch, one fused call with the mix against one call per adapter, at the largest --p "
                    f"(default {DEFAULT_MULTI})")
     g.add_argument("--adapters", type=int, default=4, help="adapters in a multi-adapter case (4)")
+    g.add_argument("--dora", choices=["off", "on", "only"], default=DEFAULT_DORA,
+                   help=f"the DoRA cases, one per TP size, mode and --p: the fused LoRA and DoRA calls against PEFT's "
+                   f"DoRA structure per rank (default {DEFAULT_DORA})")
     g.add_argument("--quick", action="store_true", help="tiny smoke config: T=K=N=64, r=8, p=0.1, 1 warm-up, "
                    "3 reps (explicit options still win); too small for its times to mean anything")
     r = ap.add_argument_group("run")
@@ -224,15 +236,19 @@ def main(argv: list[str] | None = None) -> int:
 
     gpus = (args.gpus if args.gpus is not None else torch.cuda.device_count()) if device == "cuda" else 0
     cases = []
-    sets = {"off": [(1, v["p"])], "on": [(1, v["p"]), (args.adapters, [max(v["p"])])],
-             "only": [(args.adapters, [max(v["p"])])]}[args.multi]
+    sets = {"off": [(1, v["p"], False)], "on": [(1, v["p"], False), (args.adapters, [max(v["p"])], False)],
+            "only": [(args.adapters, [max(v["p"])], False)]}[args.multi]
+    if args.dora == "only":
+        sets = [s for s in sets if s[0] > 1]
+    if args.dora != "off":
+        sets.append((1, v["p"], True))
     try:
         for tp in args.tp:
             emulate = device == "cuda" and tp > max(gpus, 1)
-            for adapters, ps in sets:
+            for adapters, ps, dora in sets:
                 cases += matrix(kinds=args.kind, tps=[tp], sps=args.sp, tokens=v["tokens"], d_in=v["d_in"],
                                 d_out=v["d_out"], r=v["r"], ps=ps, dtype=v["dtype"], emulate=emulate,
-                                adapters=adapters)
+                                adapters=adapters, dora=dora)
     except ValueError as e:  # a shape that does not shard (Case says which)
         ap.error(str(e))
     if not cases:
@@ -264,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                  "argv": sys.argv[1:] if argv is None else list(argv), "device": device,
                  "backend": sorted({r["backend"] for r in records}), "config": {**vars(cfg), **{
                      k: v[k] for k in ("tokens", "d_in", "d_out", "r", "p", "dtype")}, "multi": args.multi,
-                     "adapters": args.adapters}})
+                     "adapters": args.adapters, "dora": args.dora}})
     if device == "cuda":
         meta["gemm_decisions"] = info.get("gemm_decisions", {})
     files = report.write(args.out_dir, meta, records, tgt, plot_png=not args.no_plot)

@@ -19,8 +19,11 @@ megatron-core layers, ``bench.peft_layer``; only where it runs, see ``peft_layer
 and ``fused`` (``tplora_kernels``). A multi-adapter case (``adapters = n > 1``, each of rank r)
 has those of ``MULTI_CONTENDERS``: ``base``, ``mixed`` (one fused call with a
 ``multi.AdapterMix``: x is ``[s, n, K]`` and sample j uses adapter j) and ``sequential`` (the
-fused single-adapter call once per adapter on its own sample, one after another). The FLOP and
-byte formulas below are the ones ``NOTES.md`` derives; the roofline floor is
+fused single-adapter call once per adapter on its own sample, one after another). A DoRA case
+(``dora=True``) has those of ``DORA_CONTENDERS``: ``base``, ``lora`` (the fused LoRA call),
+``dora`` (the fused call with ``magnitude=``: DoRA, ``tplora_kernels.dora``) and ``peft_dora``
+(PEFT's DoRA math on each rank's shard, unfused, ``bench.peft_dora``). The FLOP and byte
+formulas below are the ones ``NOTES.md`` derives; the roofline floor is
 ``max(FLOPs / peak FLOP/s, bytes / peak bandwidth)``.
 """
 
@@ -34,6 +37,7 @@ from tplora_kernels.testing.numerics import rel_err
 __all__ = [
     "CONTENDERS",
     "DESCRIBE",
+    "DORA_CONTENDERS",
     "DTYPES",
     "ELEM",
     "KINDS",
@@ -51,6 +55,7 @@ __all__ = [
 KINDS = ("column", "row")
 CONTENDERS = ("base", "reference", "peft", "fused")
 MULTI_CONTENDERS = ("base", "mixed", "sequential")
+DORA_CONTENDERS = ("base", "lora", "dora", "peft_dora")
 # What each contender is, in one line (the table's legend and the plot's).
 DESCRIBE = {
     "base": "the frozen Megatron-style layer alone, with its own collectives (the floor)",
@@ -59,7 +64,14 @@ DESCRIBE = {
     "fused": "tplora_kernels (column_parallel_lora / row_parallel_lora)",
     "mixed": "multi-adapter case: one tplora_kernels call with an AdapterMix, every adapter on its own samples",
     "sequential": "multi-adapter case: the fused single-adapter call once per adapter, on its own samples",
+    "lora": "DoRA case: the fused LoRA call (tplora_kernels), the same factors without a magnitude",
+    "dora": "DoRA case: the fused DoRA call (tplora_kernels, magnitude=; the norm's LoRA part recomputed per call)",
+    "peft_dora": "DoRA case: PEFT's DoRA math per rank, unfused (B A materialised for the norm every forward; "
+                 "bench/peft_dora.py)",
 }
+# A DoRA case's magnitude: PEFT's initial ‖W + s·B A‖ times a factor in [1 - DORA_SPREAD, 1 + DORA_SPREAD]
+# per row, as after some training (at g = 1 half of DoRA's terms would vanish).
+DORA_SPREAD = 0.1
 # A multi-adapter case's adapters differ in alpha and dropout: adapter a has scale
 # SCALE * MIX_SCALE[a % 4] and dropout p * MIX_DROP[a % 4] (one of every four drops nothing).
 MIX_SCALE = (1.0, 0.5, 2.0, 1.0)
@@ -96,6 +108,7 @@ class Case:
             (fewer GPUs than t); collectives are then "not measured".
         adapters: 1 for a single-adapter case; n > 1 for a multi-adapter case: n adapters of
             rank r, x shaped ``[T/n, n, K]`` (Megatron's ``[s, b, h]``), sample j on adapter j.
+        dora: a DoRA case (one adapter): contenders ``DORA_CONTENDERS``.
 
     Example:
         >>> Case("column", 2, False, 1024, 1024, 1024, 16, 0.1, "fp32").local
@@ -113,6 +126,7 @@ class Case:
     dtype: str
     emulated: bool = False
     adapters: int = 1
+    dora: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -129,6 +143,8 @@ class Case:
             raise ValueError(f"need 0 <= p < 1 and r >= 1, got p={self.p}, r={self.r}")
         if self.adapters < 1:
             raise ValueError(f"adapters must be >= 1, got {self.adapters}")
+        if self.dora and self.adapters > 1:
+            raise ValueError("a DoRA case has one adapter (DoRA does not run in a mixed batch)")
         rows = self.samples * (self.tp if self.sp else 1)
         if self.tokens % rows:
             raise ValueError(f"--tokens {self.tokens} must divide by {rows} (the {self.samples} samples of the "
@@ -141,9 +157,10 @@ class Case:
 
     @property
     def label(self) -> str:
-        """Short id, e.g. ``column tp=2 sp=on p=0.1`` (``... mix=4x16`` for 4 adapters of rank 16)."""
+        """Short id, e.g. ``column tp=2 sp=on p=0.1`` (``... mix=4x16`` for 4 adapters of rank 16, ``... dora``)."""
         mix = f" mix={self.adapters}x{self.r}" if self.adapters > 1 else ""
-        return f"{self.kind} tp={self.tp} sp={'on' if self.sp else 'off'} p={self.p:g}{mix}"
+        dora = " dora" if self.dora else ""
+        return f"{self.kind} tp={self.tp} sp={'on' if self.sp else 'off'} p={self.p:g}{mix}{dora}"
 
     @property
     def local(self) -> dict[str, int]:
@@ -170,7 +187,11 @@ def model_flops(case: Case, contender: str, phase: str) -> int:
     ``2·T·r·(k+n)`` (shrink + expand); LoRA bwd adds ``4·T·r·(k+n)`` (du, dB, du·A, dA).
     Dropout's elementwise work is not counted. In a multi-adapter case every row needs only its
     own adapter's r columns, so the count is the same; ``mixed`` executes n·r-wide LoRA GEMMs
-    (the other adapters' columns gated to 0), n times these LoRA FLOPs.
+    (the other adapters' columns gated to 0), n times these LoRA FLOPs. DoRA (``dora``,
+    ``peft_dora``) adds the row norms' ``2·n·k·r + 2·r²·k + 2·n·r²`` in forward (the LoRA part of
+    ``‖W + s·B A‖²``: ``W Aᵀ``, ``A Aᵀ``, ``B (A Aᵀ)``; PEFT's materialised ``B A`` costs the same
+    ``2·n·k·r``) and, with dropout, PEFT's second base GEMM on the dropped x (``2·T·n·k`` in
+    forward, again in backward).
 
     Args:
         case: the case.
@@ -188,9 +209,11 @@ def model_flops(case: Case, contender: str, phase: str) -> int:
     T, k, n, r = loc["rows"], loc["k"], loc["n"], case.r
     base = 2 * T * n * k
     lora = 0 if contender == "base" else 2 * T * r * (k + n)
+    norm = 2 * n * k * r + 2 * r * r * k + 2 * n * r * r if contender in ("dora", "peft_dora") else 0
+    drop = base if contender in ("dora", "peft_dora") and case.p > 0 else 0
     if phase == "fwd":
-        return base + lora
-    return 2 * base + 3 * lora
+        return base + lora + norm + drop
+    return 2 * base + 3 * lora + norm + 2 * drop
 
 
 def min_bytes(case: Case, contender: str, phase: str, lora_elem: int | None = None) -> int:
@@ -201,6 +224,8 @@ def min_bytes(case: Case, contender: str, phase: str, lora_elem: int | None = No
     ``T·k·e``; LoRA adds the second read of X for dA (``T·k·e``), u, du written and read
     (``3·T·r·e``), A and B (``r·(k+n)·w``) and fp32 dA, dB (``4·r·(k+n)``). A multi-adapter
     case moves every adapter's factors (n times the factor terms); u stays ``T·r`` useful elements.
+    DoRA adds the pre-scale output y0 written in forward and read in backward (``2·T·n·e``) and
+    one more read of W for the norm (``n·k·e``).
 
     Args:
         case: the case.
@@ -226,6 +251,9 @@ def min_bytes(case: Case, contender: str, phase: str, lora_elem: int | None = No
     if contender != "base":
         fwd += f * w + 2 * T * r * e
         bwd += T * k * e + 3 * T * r * e + f * w + 4 * f
+    if contender in ("dora", "peft_dora"):
+        fwd += T * n * e + n * k * e
+        bwd += T * n * e
     return fwd if phase == "fwd" else fwd + bwd
 
 
@@ -268,6 +296,7 @@ class Built:
             relative errors by name (multi-adapter cases; the runner refuses to time above its bar).
         peft_layer: PEFT's module when the ``peft`` contender runs (for its dropout-free check).
         peft_skipped: why the ``peft`` contender does not run here, or None.
+        checked_by: the contender whose record carries ``verify``'s errors, and under which key.
     """
 
     x: object
@@ -281,6 +310,7 @@ class Built:
     verify: Callable[[], dict[str, float]] | None = None
     peft_layer: object = None
     peft_skipped: str | None = None
+    checked_by: tuple[str, str] = ("mixed", "checks_vs_sequential")
 
 
 @dataclass
@@ -468,6 +498,75 @@ def _build_multi(case: Case, *, group, rank, device, backend, lora_dtype, seed, 
         "sequential": [(dtype, lora_dtype, loc["n"], loc["k"], r, loc["rows"] // n)] * n})
 
 
+def _build_dora(case: Case, *, group, rank, device, backend, ref_dropout, lora_dtype, seed, **_) -> Built:
+    """``base``, ``lora``, ``dora`` and ``peft_dora`` on one layer's shards (see ``DORA_CONTENDERS``).
+
+    The magnitude is PEFT's initial ``‖W + s·B A‖`` (complete rows: a row layer's norms summed over
+    TP) times a per-row factor (``DORA_SPREAD``), the same on every rank. ``dora`` runs as a
+    ``use_dora`` module does in training: ``‖W‖²`` once per base-weight version (here at build, a
+    row layer's all-reduce included; the module's ``NormCache``), the norm's LoRA part (which
+    changes at every optimizer step) recomputed in every call. ``peft_dora`` keeps PEFT's fp32 LoRA
+    weights and magnitude, and its dropout is ``ref_dropout``. ``verify`` compares ``dora`` with
+    ``peft_dora`` run in the fused path's dtypes on the same Philox mask (dropout off and at the
+    case's p), output and every gradient, and the fused LoRA output with the LoRA reference.
+    """
+    import torch
+
+    from tplora_kernels.dora import DoRANorm, lora_sq, norm_parts, row_norms
+    from tplora_kernels.functional import parallel_linear
+    from tplora_kernels.layout import layout_for
+    from tplora_kernels.mode import TPMode
+
+    from .peft_dora import column_parallel_dora_peft, row_parallel_dora_peft
+
+    dtype = getattr(torch, DTYPES[case.dtype])
+    sh = _tensors(case, rank, device, dtype, seed)
+    (a32, b32), = sh.factors
+    x, w, dy = sh.x.requires_grad_(True), sh.w, sh.dy
+    common, seed_t, be = _setup(case, group, device, backend)
+    ref, fused = _functions(case.kind)
+    peft_fn = column_parallel_dora_peft if case.kind == "column" else row_parallel_dora_peft
+    mode = TPMode.build(case.kind, group=group)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    spread = 1 - DORA_SPREAD + 2 * DORA_SPREAD * torch.rand(case.d_out, 1, generator=g)
+    spread = layout_for(case.kind).lora_b.shard(spread, rank, case.tp)  # this rank's rows, as W's (_tensors)
+    m32 = row_norms(w.float(), a32, b32, SCALE, mode) * spread.reshape(-1).to(device)
+    weight_sq = norm_parts(w, a32, b32, SCALE, mode).weight_sq  # once per base-weight version
+    scale, p, loc = SCALE, case.p, case.local
+    a, b, m = (_leaf(t, lora_dtype) for t in (a32, b32, m32))
+    a_p, b_p, m_p = (_leaf(t, torch.float32) for t in (a32, b32, m32))  # PEFT's fp32 copies
+    a_v, b_v, m_v = (_leaf(t, lora_dtype) for t in (a32, b32, m32))  # peft_dora in the fused dtypes, for verify
+
+    def dora(p=p, seed=seed_t):
+        norm = DoRANorm(weight_sq, lora_sq(w, a.detach(), b.detach(), scale))
+        return fused(x, w, a, b, scale=scale, dropout_p=p, seed=seed, backend=backend, magnitude=m, norm=norm,
+                     **common)
+
+    def verify() -> dict[str, float]:
+        errs: dict[str, float] = {}
+        for pv in sorted({0.0, p}):
+            y_d = dora(pv, 0x5EED)
+            g_d = torch.autograd.grad(y_d, [x, a, b, m], dy)
+            y_p = peft_fn(x, w, a_v, b_v, m_v, scale=scale, dropout_p=pv, seed=0x5EED, dropout="philox", **common)
+            g_p = torch.autograd.grad(y_p, [x, a_v, b_v, m_v], dy)
+            for name, got, want in zip(("y", "dx", "dA", "dB", "dm"), (y_d, *g_d), (y_p, *g_p)):
+                errs[f"dora vs peft_dora {name}, p={pv:g}"] = rel_err(got, want)
+        with torch.no_grad():
+            y_l = fused(x, w, a, b, scale=scale, dropout_p=p, seed=0x5EED, backend=backend, **common)
+            y_r = ref(x, w, a.float(), b.float(), scale=scale, dropout_p=p, seed=0x5EED, dropout="philox", **common)
+        errs[f"lora vs reference y, p={p:g}"] = rel_err(y_l, y_r)
+        return errs
+
+    key = (dtype, lora_dtype, loc["n"], loc["k"], case.r, loc["rows"])
+    return Built(x, dy, [w, a, b, m, a_p, b_p, m_p, a_v, b_v, m_v], [x, a, b, m, a_p, b_p, m_p, a_v, b_v, m_v], {
+        "base": lambda: parallel_linear(x, w, kind=case.kind, **common),
+        "lora": lambda: fused(x, w, a, b, scale=scale, dropout_p=p, seed=seed_t, backend=backend, **common),
+        "dora": dora,
+        "peft_dora": lambda: peft_fn(x, w, a_p, b_p, m_p, scale=scale, dropout_p=p, seed=0x5EED, dropout=ref_dropout,
+                                     **common),
+    }, be, gemm={"lora": [key], "dora": [key]}, verify=verify, checked_by=("dora", "checks_vs_peft_dora"))
+
+
 def build(case: Case, *, group, device, backend: str, rank: int = 0, ref_dropout: str = "bernoulli",
           lora_dtype=None, seed: int = 0, peft: bool = False) -> Built:
     """Build ``case`` on this rank: shards, output gradient and the contenders.
@@ -500,17 +599,18 @@ def build(case: Case, *, group, device, backend: str, rank: int = 0, ref_dropout
     import torch
 
     dtype = getattr(torch, DTYPES[case.dtype])
-    builder = _build_multi if case.adapters > 1 else _build
+    builder = _build_dora if case.dora else _build_multi if case.adapters > 1 else _build
     return builder(case, group=group, rank=rank, device=torch.device(device), backend=backend,
                    ref_dropout=ref_dropout, lora_dtype=lora_dtype or dtype, seed=seed, peft=peft)
 
 
 def matrix(*, kinds: Iterable[str], tps: Iterable[int], sps: Iterable[bool], tokens: int, d_in: int, d_out: int,
-           r: int, ps: Iterable[float], dtype: str, emulate: bool = False, adapters: int = 1) -> list[Case]:
+           r: int, ps: Iterable[float], dtype: str, emulate: bool = False, adapters: int = 1,
+           dora: bool = False) -> list[Case]:
     """Every combination, skipping SP at t = 1 (and when emulated: one device has no SP).
 
     Cases are ordered by TP size first, so each TP size's ranks are spawned once. ``adapters``
-    > 1 makes multi-adapter cases (``Case.adapters``).
+    > 1 makes multi-adapter cases (``Case.adapters``); ``dora`` DoRA cases (``Case.dora``).
 
     Example:
         >>> len(matrix(kinds=["column", "row"], tps=[1, 2], sps=[False, True], tokens=64, d_in=64,
@@ -525,5 +625,5 @@ def matrix(*, kinds: Iterable[str], tps: Iterable[int], sps: Iterable[bool], tok
                     continue
                 for p in ps:
                     out.append(Case(kind, tp, sp, tokens, d_in, d_out, r, p, dtype, emulated=emulate and tp > 1,
-                                    adapters=adapters))
+                                    adapters=adapters, dora=dora))
     return out

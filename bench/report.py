@@ -3,13 +3,17 @@
 1. Deriving (``derive``): ratios between contenders of the same case, on medians:
    ``overhead_pct`` of LoRA over the frozen base, ``t / t_base - 1``; the fused path's
    ``speedup_vs_reference`` and ``speedup_vs_peft``, ``t_other / t_fused``; in a multi-adapter
-   case, the mixed call's ``speedup_vs_sequential``, ``t_sequential / t_mixed``.
+   case, the mixed call's ``speedup_vs_sequential``, ``t_sequential / t_mixed``; in a DoRA case,
+   ``dora_over_{lora,peft_dora}``, ``t_dora / t_other``, DoRA's saved bytes and collectives beyond
+   LoRA's.
 2. Judging (``judge``): the targets a run can judge: the structural targets (no added
-   collective, nothing saved beyond x, u and the seed) anywhere, the GPU speed targets
-   (``GPU_TARGETS``) only on a run of GPU kernels; a CPU run reports its times for information,
-   with what they mean (``CPU_TIMES_MEAN``).
+   collective, nothing saved beyond x, u and the seed; DoRA: LoRA's collectives, at most one
+   output more saved, ``judge_dora``) anywhere, the GPU speed targets (``GPU_TARGETS``) only on a
+   run of GPU kernels; a CPU run reports its times for information, with what they mean
+   (``CPU_TIMES_MEAN``).
 3. Rendering (``render``, from the ``format_*`` parts): the text ``python -m bench`` prints: a
-   header, the table and its legend, the multi-adapter cases, the backends, the verdicts.
+   header, the table and its legend, the multi-adapter cases, the DoRA cases, the backends, the
+   verdicts.
 4. Writing (``write``): ``bench.json`` (with ``collect_meta``'s machine, versions and commit),
    ``bench.csv`` and the ``bench.png`` plot.
 """
@@ -30,9 +34,9 @@ from pathlib import Path
 
 from .cases import DESCRIBE, ELEM, Case
 
-__all__ = ["CPU_TIMES_MEAN", "GPU_TARGETS", "collect_meta", "derive", "format_backends", "format_legend",
-           "format_multi", "format_table", "format_targets", "judge", "plot", "plot_title", "render", "write",
-           "write_csv", "write_json"]
+__all__ = ["CPU_TIMES_MEAN", "GPU_TARGETS", "collect_meta", "derive", "dora_collective_extra", "dora_saved_bound",
+           "format_backends", "format_dora", "format_legend", "format_multi", "format_table", "format_targets", "judge",
+           "judge_dora", "plot", "plot_title", "render", "write", "write_csv", "write_json"]
 
 _PHASES = ("fwd", "fwd_bwd")
 _MIB = 1 << 20
@@ -67,7 +71,7 @@ def _median(rec: dict, ph: str) -> float:
 
 
 # The contenders each fused contender is compared with (the first: also its saved-bytes ratio).
-_VERSUS = {"fused": ("reference", "peft"), "mixed": ("sequential",)}
+_VERSUS = {"fused": ("reference", "peft"), "mixed": ("sequential",), "dora": ("lora", "peft_dora")}
 
 
 def derive(records: list[dict]) -> list[dict]:
@@ -102,7 +106,35 @@ def derive(records: list[dict]) -> list[dict]:
                 for ph in ("fwd", "bwd"):
                     a, b = _coll_total(rec, ph), _coll_total(base, ph)
                     rec[f"lora_collectives_{ph}"] = None if a is None or b is None else a - b
+            if name == "dora":
+                _derive_dora(rec, group)
     return records
+
+
+def _output_bytes(case: dict) -> int:
+    """Bytes of one output of the case's layer on a rank: ``rows_out × n`` elements of the activation dtype."""
+    loc = Case(**case).local
+    return loc["rows_out"] * loc["n"] * ELEM[case["dtype"]]
+
+
+def _derive_dora(rec: dict, group: dict) -> None:
+    """A DoRA record's ratios: ``dora_over_{lora,peft_dora}_{fwd,fwd_bwd}`` (``t_dora / t_other``), the saved
+    bytes beyond LoRA's (``saved_extra_vs_lora``) against one output's (``output_bytes``), and the collectives
+    beyond LoRA's per phase (``collectives_vs_lora_{fwd,bwd}``: count and bytes)."""
+    for other in ("lora", "peft_dora"):
+        if other in group:
+            for ph in _PHASES:
+                t = _median(group[other], ph)
+                rec[f"dora_over_{other}_{ph}"] = _median(rec, ph) / t if t > 0 else None
+    lora = group.get("lora")
+    if lora is None:
+        return
+    rec["saved_extra_vs_lora"] = rec["saved_bytes"] - lora["saved_bytes"]
+    rec["output_bytes"] = _output_bytes(rec["case"])
+    for ph in ("fwd", "bwd"):
+        a, b = rec.get("collectives", {}), lora.get("collectives", {})
+        rec[f"collectives_vs_lora_{ph}"] = None if not (a.get("measured") and b.get("measured")) else {
+            "count": a[ph]["count"] - b[ph]["count"], "bytes": a[ph]["bytes"] - b[ph]["bytes"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +164,9 @@ def judge(records: list[dict]) -> dict:
     Returns:
         ``{name: {"target", "judged", "met", "why_not", "rows"}}`` for ``collectives``,
         ``saved``, ``saved_ratio``, ``gpu_overhead`` and ``gpu_speedup``, plus ``cpu_times``
-        (per TP size: spreads of fused/base, reference/fused and peft/fused, fwd+bwd medians).
-        ``met`` is None when nothing was judged.
+        (per TP size: spreads of fused/base, reference/fused and peft/fused, fwd+bwd medians);
+        and for the DoRA cases (``judge_dora``) ``dora_collectives``, ``dora_saved`` and
+        ``dora_times``. ``met`` is None when nothing was judged.
 
     Example:
         >>> t = judge([])
@@ -202,6 +235,83 @@ def judge(records: list[dict]) -> dict:
         "gpu_speedup": target(f"fused fwd+bwd >= {GPU_TARGETS['speedup']:.2f}x faster than the unfused "
                               "reference, t_reference / t_fused (every case)", speed_rows, gpu_why),
         "cpu_times": {tp: {k: _spread(v) for k, v in d.items()} for tp, d in sorted(per_tp.items())},
+        **judge_dora(records),
+    }
+
+
+def dora_collective_extra(case: dict) -> int:
+    """Bytes a DoRA layer's forward collective carries beyond its LoRA twin's.
+
+    Row-parallel: the LoRA part of the row norms, n values per block of the ``[z | u]`` buffer (t
+    blocks under SP's reduce-scatter, one for the all-reduce), and with dropout the dropped product
+    ``[T, n]`` (PEFT's form needs the base GEMM on the dropped x). Column-parallel: nothing (its
+    norms are local); at TP 1 (or emulated) there is no collective. The collective runs in the
+    activation dtype.
+
+    Example:
+        >>> dora_collective_extra({"kind": "row", "tp": 2, "sp": True, "tokens": 8, "d_in": 4, "d_out": 4, "r": 2,
+        ...                        "p": 0.0, "dtype": "fp32", "emulated": False})
+        32
+    """
+    if case["kind"] != "row" or case["tp"] == 1 or case["emulated"]:
+        return 0  # no collective at all at TP 1 or on one emulating device
+    loc = Case(**case).local
+    blocks = case["tp"] if case["sp"] and not case["emulated"] else 1
+    return (blocks * loc["n"] + (case["tokens"] * loc["n"] if case["p"] > 0 else 0)) * ELEM[case["dtype"]]
+
+
+def dora_saved_bound(case: dict) -> int:
+    """The most a DoRA layer may save beyond its LoRA twin: one output (the pre-scale y0 that dm needs) and
+    the two fp32 row vectors ``g = m/‖·‖`` and ``1/‖·‖`` (``[n]`` each), in bytes."""
+    return _output_bytes(case) + 2 * Case(**case).local["n"] * 4
+
+
+def judge_dora(records: list[dict]) -> dict:
+    """The DoRA cases' verdicts, on any device (they are structure), and their CPU time ratios.
+
+    Returns:
+        ``dora_collectives``: per DoRA case, the fused DoRA call runs its LoRA twin's collectives in
+        number in each phase, its forward one ``dora_collective_extra`` bytes wider (rows carry the
+        extra counts of ``dora`` and ``peft_dora`` over ``lora`` per phase); ``dora_saved``: DoRA saves
+        at most ``dora_saved_bound`` beyond LoRA; ``dora_times``: per TP size, spreads of dora/lora and
+        dora/peft_dora (fwd+bwd medians).
+
+    Example:
+        >>> judge_dora([])["dora_saved"]["met"] is None
+        True
+    """
+    coll, saved = [], []
+    per_tp: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for label, g in _by_case(records).items():
+        dora, lora = g.get("dora"), g.get("lora")
+        if dora is None or lora is None:
+            continue
+        case = dora["case"]
+        if dora["collectives"].get("measured") and lora["collectives"].get("measured"):
+            extra = {n: tuple(g[n]["collectives"][ph]["count"] - lora["collectives"][ph]["count"]
+                              for ph in ("fwd", "bwd")) for n in ("dora", "peft_dora") if n in g}
+            wider = tuple(dora["collectives"][ph]["bytes"] - lora["collectives"][ph]["bytes"] for ph in ("fwd", "bwd"))
+            want = (dora_collective_extra(case), 0)
+            coll.append({"case": label, "extra": extra, "wider_bytes": wider, "want_bytes": want,
+                         "ok": extra["dora"] == (0, 0) and wider == want})
+        bound = dora_saved_bound(case)
+        saved.append({"case": label, "lora_bytes": lora["saved_bytes"], "dora_bytes": dora["saved_bytes"],
+                      "extra_bytes": dora["saved_bytes"] - lora["saved_bytes"], "bound_bytes": bound,
+                      "ok": dora["saved_bytes"] - lora["saved_bytes"] <= bound})
+        for other in ("lora", "peft_dora"):
+            if dora.get(f"dora_over_{other}_fwd_bwd") is not None:
+                per_tp[case["tp"]][f"dora/{other}"].append(dora[f"dora_over_{other}_fwd_bwd"])
+
+    def target(text, rows):
+        return {"target": text, "judged": bool(rows), "met": all(r["ok"] for r in rows) if rows else None,
+                "why_not": None if rows else "no DoRA case ran", "rows": rows}
+
+    return {
+        "dora_collectives": target("DoRA adds 0 collectives per micro-batch over LoRA in every (mode, phase); a row "
+                                   "layer's forward collective is n values per block wider (+ T×n with dropout)", coll),
+        "dora_saved": target("DoRA saves at most LoRA's bytes + one output-sized tensor (y0) + two fp32 [n] row "
+                             "vectors (g, 1/norm)", saved),
+        "dora_times": {tp: {k: _spread(v) for k, v in d.items()} for tp, d in sorted(per_tp.items())},
     }
 
 
@@ -329,6 +439,52 @@ def format_multi(records: list[dict]) -> str:
                       "f+b count (MiB); saved MiB)", head, *rows, MULTI_MEANS])
 
 
+def format_dora(records: list[dict], tgt: dict) -> str:
+    """The DoRA cases: fwd+bwd medians, dora/lora and dora/peft_dora, collectives, saved bytes, and the verdicts.
+
+    Returns "" when no DoRA case ran.
+
+    Example:
+        >>> format_dora([], judge_dora([]))
+        ''
+    """
+    rows = []
+    for label, g in _by_case(records).items():
+        b, lo, d, pd = (g.get(n) for n in ("base", "lora", "dora", "peft_dora"))
+        if lo is None or d is None or b is None or pd is None:
+            continue
+        rows.append(f"  {label:<30} {_median(b, 'fwd_bwd'):8.3f} {_median(lo, 'fwd_bwd'):8.3f} "
+                    f"{_median(d, 'fwd_bwd'):8.3f} {_median(pd, 'fwd_bwd'):9.3f} {d['dora_over_lora_fwd_bwd']:10.2f} "
+                    f"{d['dora_over_peft_dora_fwd_bwd']:10.2f}  {_coll_short(lo):>13} {_coll_short(d):>13} "
+                    f"{_coll_short(pd):>13}  {lo['saved_bytes']:>9} {d['saved_bytes']:>9} {pd['saved_bytes']:>9}")
+    if not rows:
+        return ""
+    head = (f"  {'case':<30} {'base ms':>8} {'lora ms':>8} {'dora ms':>8} {'peft_dora':>9} {'dora/lora':>10} "
+            f"{'dora/peft':>10}  {'coll lora':>13} {'coll dora':>13} {'coll peft_d':>13}  {'saved lo':>9} "
+            f"{'saved do':>9} {'saved pd':>9}")
+    word = {True: "MET", False: "MISSED", None: "not judged"}
+    lines = ["DoRA cases (fwd+bwd medians in ms; dora/lora, dora/peft_dora: time ratios, < 1: DoRA faster; "
+             "collectives f+b count (MiB); saved bytes)", head, *rows]
+    for name in ("dora_collectives", "dora_saved"):
+        t = tgt[name]
+        lines.append(f"  [{word[t['met']]}] {t['target']}")
+        for r in t["rows"]:
+            if not r["ok"]:
+                lines.append(f"      {r['case']}: " + ", ".join(f"{k} {v}" for k, v in r.items()
+                                                                if k not in ("case", "ok")))
+    if tgt["dora_collectives"]["rows"]:
+        adds = sorted({f"{r['case'].removesuffix(' dora')} {r['extra'].get('peft_dora')}" for r in
+                       tgt["dora_collectives"]["rows"]})
+        lines.append("      peft_dora's extra (fwd, bwd) collectives over lora: " + "; ".join(adds))
+    if tgt["dora_saved"]["rows"]:
+        worst = max(tgt["dora_saved"]["rows"], key=lambda r: r["extra_bytes"] / r["bound_bytes"])
+        lines.append(f"      closest: {worst['case']} saves {worst['extra_bytes']} B beyond LoRA, at most "
+                     f"{worst['bound_bytes']} B")
+    for tp, d in tgt["dora_times"].items():
+        lines.append(f"  tp={tp}: " + "; ".join(f"{k} {_range(v)}" for k, v in d.items()))
+    return "\n".join(lines)
+
+
 def format_backends(meta: dict, records: list[dict]) -> str:
     """Which backend the LoRA contenders ran on, per case, and (CUDA, ``auto``) ``ops.select``'s choices.
 
@@ -338,7 +494,7 @@ def format_backends(meta: dict, records: list[dict]) -> str:
     """
     ran: dict[str, set] = defaultdict(set)
     for r in records:
-        if r["contender"] in _VERSUS or r["contender"] == "sequential":
+        if r["contender"] in _VERSUS or r["contender"] in ("sequential", "lora"):
             ran[r["label"]].add(r["backend"])
     kinds = {b for v in ran.values() for b in v}
     if len(kinds) == 1:
@@ -467,11 +623,16 @@ def render(meta: dict, records: list[dict], tgt: dict, *, started: datetime, wal
     lines.append(format_table(records))
     if multi := format_multi(records):
         lines.append(multi)
+    if dora := format_dora(records, tgt):
+        lines.append(dora)
     lines += [format_backends(meta, records), format_legend(records), ""]
     if any(r["contender"] == "fused" for r in records):
         lines.append(format_targets(tgt))
-    else:
+    elif not dora:
         lines.append("Verdicts: none; they judge the single-adapter cases, and --multi only ran none.")
+    else:
+        lines.append("Verdicts: the DoRA cases' above; the single-adapter ones judge single-adapter cases, and "
+                     "none ran.")
     if quick:
         lines.append("--quick: a smoke run; at T=K=N=64 fixed per-call costs dominate, so its times mean nothing.")
     lines.append(f"\nwrote {', '.join(str(f) for f in files)}")
@@ -616,6 +777,7 @@ def plot(path: Path, records: list[dict], title: str = "") -> bool:
         from matplotlib.lines import Line2D
     except ImportError:
         return False
+    records = [r for r in records if not r["case"].get("dora")]  # the DoRA cases have their own table
     kinds = sorted({r["case"]["kind"] for r in records})
     if not kinds:
         return False

@@ -8,10 +8,11 @@ back through a queue, so the parent owns the progress bar.
 
 Rank side, per case: first the answers are checked (single-adapter: the fused forward and PEFT's
 layer against the reference, recorded; multi-adapter: ``mixed`` against ``sequential`` and each
-adapter alone, and a disagreement stops the run before anything is timed); after the warm-up, the
-backend each LoRA contender ran on is asked of the package with its calls' GEMM keys. Then per
-contender (``base``, ``reference``, ``peft`` where it runs, ``fused``; or ``base``, ``mixed``,
-``sequential``):
+adapter alone; DoRA: ``dora`` against ``peft_dora`` on the same mask, output and gradients, and
+``lora`` against the reference; in those two a disagreement stops the run before anything is
+timed); after the warm-up, the backend each LoRA contender ran on is asked of the package with
+its calls' GEMM keys. Then per contender (``base``, ``reference``, ``peft`` where it runs,
+``fused``; or ``base``, ``mixed``, ``sequential``; or ``base``, ``lora``, ``dora``, ``peft_dora``):
 
 1. **One instrumented forward + backward**, not timed:
 
@@ -423,7 +424,8 @@ def _rank_body(rank: int, world: int, cfg: RunConfig, cases: list[Case], queue) 
         device = torch.device("cuda", rank)
     group = dist.group.WORLD if dist.is_initialized() else None
     lora_dtype = getattr(torch, DTYPES[cfg.lora_dtype]) if cfg.lora_dtype else None
-    peft = cfg.peft and any(peft_layer.unsupported(c, device.type, group is not None) is None for c in cases)
+    peft = cfg.peft and any(peft_layer.unsupported(c, device.type, group is not None) is None for c in cases
+                            if c.adapters == 1 and not c.dora)
     if peft:
         peft_layer.init_parallel_state(world)
     try:
@@ -453,7 +455,8 @@ def _gather_max(obj, world: int):
 
 # A multi-adapter case's mixed and sequential contenders run the same math in the same dtype: in
 # fp32 they differ by summation order only (the tolerance rule's fp32 bar); a 16-bit result by its
-# rounding, at most half an ulp of the largest value on each side.
+# rounding, at most half an ulp of the largest value on each side. A DoRA case's check runs
+# peft_dora in the fused path's dtypes for the same reason.
 
 
 def agree_bar(dtype: str) -> float:
@@ -565,8 +568,8 @@ def _case(rank, world, ci, case: Case, cfg: RunConfig, device, group, lora_dtype
             rec["check_rel_err_vs_reference"] = checks[n]
         if n in built.gemm:
             rec["gemm_shapes"] = sorted({f"N={k[2]} K={k[3]} r={k[4]} T={k[5]}" for k in built.gemm[n]})
-        if n == "mixed" and agreed is not None:
-            rec["checks_vs_sequential"], rec["check_bar"] = agreed, agree_bar(case.dtype)
+        if n == built.checked_by[0] and agreed is not None:
+            rec[built.checked_by[1]], rec["check_bar"] = agreed, agree_bar(case.dtype)
         recs.append(rec)
     queue.put(("done", ci, case.label, recs))
 
