@@ -22,7 +22,9 @@ Caching. ``NormCache`` keeps each adapter's parts and recomputes them only when 
 the tensors' identity and version counters (an optimizer's in-place step, a load, a merge), plus
 ``WEIGHT_EPOCH``, which every ``torch.optim`` step bumps (Megatron's distributed optimizer writes
 parameters through ``.data``, which no version counter sees; its step runs a torch optimizer).
-Adapter changes (register, draw, delete, set_adapter) clear the cache.
+Each recomputation of the LoRA part re-reads ``‖W_n‖²`` in the same pass over W, so a base weight
+rewritten through ``.data`` is seen at the next step too (``NormCache.parts``). Adapter changes
+(register, draw, delete, set_adapter) clear the cache.
 """
 
 from __future__ import annotations
@@ -100,9 +102,16 @@ def lora_sq(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sc
         >>> bool(torch.allclose(weight_sq(w) + lora_sq(w, a, b, 0.5), full, rtol=1e-5))
         True
     """
+    return _sq_parts(weight, lora_a, lora_b, scale, with_weight=False)[1]
+
+
+def _sq_parts(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+              with_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(``weight_sq`` if asked, ``lora_sq``) in one pass over W: the block ``lora_sq`` reads anyway."""
     with torch.no_grad():
         a, b = lora_a.detach().float(), lora_b.detach().float()
         out = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        wsq = torch.empty_like(out) if with_weight else None
         gram = a @ a.t()
         for i in range(0, weight.shape[0], BLOCK_ROWS):
             w = weight[i:i + BLOCK_ROWS].float()
@@ -110,7 +119,10 @@ def lora_sq(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sc
             cross = (bb * (w @ a.t())).sum(1)
             quad = ((bb @ gram) * bb).sum(1)
             out[i:i + BLOCK_ROWS] = 2 * scale * cross + scale * scale * quad
-        return out
+            if wsq is not None:
+                # the same expression as weight_sq, so an unchanged W gives the same bits
+                wsq[i:i + BLOCK_ROWS] = w.square().sum(1)
+        return wsq, out
 
 
 def norm_parts(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
@@ -158,8 +170,9 @@ class NormCache:
     def __init__(self, mode: TPMode) -> None:
         self.mode = mode
         self._weight: tuple | None = None
-        self._weight_sq: torch.Tensor | None = None
-        self._lora: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._weight_sq: torch.Tensor | None = None  # complete (summed over TP for a row layer), fp32
+        self._weight_sq_local: torch.Tensor | None = None  # this rank's part of it when it was summed
+        self._lora: dict[str, tuple[tuple, DoRANorm]] = {}
 
     @staticmethod
     def _key(*ts: torch.Tensor) -> tuple:
@@ -168,7 +181,7 @@ class NormCache:
     def clear(self, adapter: str | None = None) -> None:
         """Forget one adapter's LoRA part (None: everything, the base part too)."""
         if adapter is None:
-            self._weight, self._weight_sq = None, None
+            self._weight, self._weight_sq, self._weight_sq_local = None, None, None
             self._lora.clear()
         else:
             self._lora.pop(adapter, None)
@@ -178,19 +191,32 @@ class NormCache:
         """The norm parts for this call, from the cache when no weight changed since they were computed.
 
         A row layer's ``weight_sq`` recomputation all-reduces N fp32 values over its TP group; it
-        happens when the base weight changes, which every rank of the group does alike (a load, a
-        merge), so every rank reaches it in the same forward.
+        happens when the base weight's identity or version changes, which every rank of the group
+        sees alike (a load, a merge), so every rank reaches it in the same forward.
+
+        A base weight rewritten through ``.data`` keeps its version; the next ``torch.optim`` step's
+        recomputation of the LoRA part (which reads W anyway) also re-reads ``‖W_n‖²`` locally. A
+        column layer takes it as is; a row layer cannot all-reduce there (only the rewritten ranks
+        would know), so it adds the change of its local part, ``‖W_n‖²_now − ‖W_n‖²_summed``, to the
+        LoRA part that rides in the forward collective: exactly 0 while W is unchanged, and the new
+        norm, summed in the collective's dtype, once it is not.
         """
         wkey = self._key(weight)
         if self._weight != wkey:
             wsq = weight_sq(weight)
+            local = wsq.clone()
             if self.mode.kind == "row" and self.mode.world > 1:
                 D.all_reduce_(wsq, self.mode.group)
-            self._weight, self._weight_sq = wkey, wsq
+            self._weight, self._weight_sq, self._weight_sq_local = wkey, wsq, local
             self._lora.clear()
         lkey = (weight_epoch(), scale, *self._key(lora_a, lora_b))
         cached = self._lora.get(adapter)
         if cached is None or cached[0] != lkey:
-            cached = (lkey, lora_sq(weight, lora_a, lora_b, scale))
+            wsq_now, lsq = _sq_parts(weight, lora_a, lora_b, scale, with_weight=True)
+            if self.mode.kind == "row" and self.mode.world > 1:
+                norm = DoRANorm(self._weight_sq, lsq + (wsq_now - self._weight_sq_local))
+            else:
+                norm = DoRANorm(wsq_now, lsq)
+            cached = (lkey, norm)
             self._lora[adapter] = cached
-        return DoRANorm(self._weight_sq, cached[1])
+        return cached[1]

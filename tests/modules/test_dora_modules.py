@@ -403,9 +403,6 @@ def test_cached_norm_is_never_stale(dist_pool, kind, tp, sp):
     assert len(events) == 13, f"{kind} tp={tp}: checked {len(events)} events: {events}"
 
 
-@pytest.mark.xfail(strict=True, reason="NormCache (commit d53e756) keys the base weight by data_ptr and version "
-                   "counter only: a .data write to the frozen base weight is never seen (the weight epoch keys the "
-                   "LoRA part alone). Remove this marker with the fix")
 @pytest.mark.parametrize("kind", ["column", "row"])
 def test_base_weight_data_write_is_seen(dist_pool, kind):
     """The base weight rewritten through .data, then an optimizer step: the next output must use the new norm."""
