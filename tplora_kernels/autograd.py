@@ -237,7 +237,7 @@ class ColumnParallelLoRAFn(torch.autograd.Function):
                     L.lora_linear_fwd(X, weight, u, lora_b, scale=plan.scale, bias=bias, out=y, backend=be)
                     y.add_(L.lora_linear_fwd(X, weight, u, lora_b, scale=plan.scale, col_scale=g - 1, out0=y0,
                                              drop=drop, backend=be))
-                dora = (magnitude, y0, g, inv)
+                dora = (magnitude, y0, inv)  # g = m·inv again in backward: one [N] vector fewer saved
             if plan.mode.gather_output:
                 y = D.all_gather_cols(y, plan.mode.group)
         ctx.plan = plan
@@ -249,7 +249,8 @@ class ColumnParallelLoRAFn(torch.autograd.Function):
     def backward(ctx, dy):
         plan, be, saved, (need_dx, need_da, need_db) = _unpack(ctx)
         x, weight, lora_a, lora_b, u, seed = saved[:6]
-        magnitude, y0, g, inv = saved[6:] if len(saved) > 6 else (None, None, None, None)
+        magnitude, y0, inv = saved[6:] if len(saved) > 6 else (None, None, None)
+        g = None if magnitude is None else magnitude.detach().float() * inv  # forward's g, bit for bit
         need_dm = magnitude is not None and ctx.needs_input_grad[6]
         drop = plan.dropout(seed)
         if plan.mode.gather_output:
@@ -354,10 +355,12 @@ class RowParallelLoRAFn(torch.autograd.Function):
                 if bias is not None:
                     out.add_(bias)
                 y = out.to(buf.flat.dtype)
-                dora = (magnitude, y0, g, inv)
+                dora = (magnitude, y0, inv)
         ctx.plan = plan
-        # u is cloned so that saving it does not pin the whole [z | u] buffer (the output).
-        ctx.save_for_backward(x_i, weight, lora_a, lora_b, u.clone(), seed, *dora)
+        # u is cloned so that saving it does not pin the whole [z | u] buffer (the output), unless
+        # y0 pins that buffer already (DoRA without dropout): then u's view costs nothing more.
+        pinned = magnitude is not None and not dora_drop
+        ctx.save_for_backward(x_i, weight, lora_a, lora_b, u if pinned else u.clone(), seed, *dora)
         return y
 
     @staticmethod
@@ -365,7 +368,8 @@ class RowParallelLoRAFn(torch.autograd.Function):
     def backward(ctx, dy):
         plan, be, saved, (need_dx, need_da, need_db) = _unpack(ctx)
         x_i, weight, lora_a, lora_b, u, seed = saved[:6]
-        magnitude, y0, g, inv = saved[6:] if len(saved) > 6 else (None, None, None, None)
+        magnitude, y0, inv = saved[6:] if len(saved) > 6 else (None, None, None)
+        g = None if magnitude is None else magnitude.detach().float() * inv  # forward's g, bit for bit
         need_dm = magnitude is not None and ctx.needs_input_grad[6]
         dy = dy.to(x_i.dtype)
         dY = D.all_gather_rows(dy, plan.mode.group) if plan.mode.sequence_parallel else dy

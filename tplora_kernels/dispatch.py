@@ -125,7 +125,7 @@ def apply_lora(model: nn.Module | Sequence[nn.Module], config: Any, adapter_name
             canonical-name suffix (list) or full-match regex (str); None selects every supported
             parallel linear.
         adapter_name: the adapter's name.
-        freeze: freeze every parameter that is not a LoRA factor (PEFT's behaviour); False leaves
+        freeze: freeze every parameter that is not a LoRA factor or DoRA magnitude (PEFT's behaviour); False leaves
             the other parameters' ``requires_grad`` as they are (the base layers' weights are
             frozen either way).
 
@@ -185,8 +185,9 @@ def apply_lora(model: nn.Module | Sequence[nn.Module], config: Any, adapter_name
     for _, module, opts in added:
         module.add_adapter(adapter_name, **opts)
     if freeze:
-        lora = {id(p) for s in lora_sites(chunks, LoRALayer) for d in (s.module.lora_A, s.module.lora_B)
-                for p in d.parameters()}
+        # The adapter's own tensors stay trainable: its factors and (DoRA) its magnitudes, as PEFT's.
+        lora = {id(p) for s in lora_sites(chunks, LoRALayer)
+                for d in (s.module.lora_A, s.module.lora_B, s.module.lora_magnitude_vector) for p in d.parameters()}
         for chunk in chunks:
             for p in chunk.parameters():
                 if id(p) not in lora:

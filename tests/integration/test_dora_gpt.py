@@ -7,9 +7,8 @@ every TP size, magnitudes set to ``‖W + s·B A‖ ⊙ (1 ± 0.2·N(0,1))`` fro
 g != 1 from the first step; 3 SGD steps at lr 0.5 on A, B and m, dropout 0 and 0.1, the torch
 backend (one case the Triton kernels under the interpreter, one through PEFT's registration).
 Factors and magnitudes are gathered by the base weight's own layout rule (a magnitude as B's rows).
-``apply_lora(freeze=True)`` freezes the magnitudes (a bug of the package, shown by the xfail
-``test_apply_lora_keeps_magnitudes_trainable``), so ``dora.adapt`` makes them trainable again, as
-PEFT's registration leaves them.
+``apply_lora(freeze=True)`` leaves the magnitudes trainable, as PEFT's registration does
+(``test_apply_lora_keeps_magnitudes_trainable``); the training cases rely on it.
 
 Tolerances are ``test_gpt_model``'s (fp32):
 
@@ -174,8 +173,6 @@ def test_backend_is_the_one_configured(world):
         assert got == want, f"{case.label}: the DoRA layers ran {got}, expected {want}"
 
 
-@pytest.mark.xfail(strict=True, reason="tplora_kernels bug: apply_lora(freeze=True) freezes DoRA magnitudes "
-                                       "(dispatch.apply_lora spares lora_A/lora_B only); PEFT trains them")
 def test_apply_lora_keeps_magnitudes_trainable(world):
     """apply_lora(LoRAConfig(use_dora=True)) leaves lora_magnitude_vector trainable, as PEFT does."""
     flags = result(world, "apply_lora_flags")

@@ -24,6 +24,7 @@ import torch
 
 from tests.support import gpt as G
 from tests.support import pipeline as PL
+from tplora_kernels.testing.numerics import rel_err
 
 REFERENCE = PL.Layout()
 TRAINED = [REFERENCE, PL.Layout(pp=2), PL.Layout(tp=2, pp=2, sp=True), PL.Layout(pp=2, vpp=2)]
@@ -45,10 +46,6 @@ def worlds(tmp_path_factory):
     return ranks
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
-
-
 @pytest.mark.parametrize("layout", TRAINED[1:] + MOE[1:], ids=lambda lay: lay.label)
 def test_training_equals_pp1(worlds, layout):
     got = worlds[0][layout.label]
@@ -59,9 +56,9 @@ def test_training_equals_pp1(worlds, layout):
         f"{layout.label}: the adapter's layers differ from PP=1's: only here "
         f"{sorted(set(got['factors']) - set(ref['factors']))[:4]}, only at PP=1 "
         f"{sorted(set(ref['factors']) - set(got['factors']))[:4]}")
-    worst = max((_rel(got["factors"][k], ref["factors"][k]), k) for k in ref["factors"])
+    worst = max((rel_err(got["factors"][k], ref["factors"][k]), k) for k in ref["factors"])
     assert worst[0] <= FP32, f"{layout.label}: trained factor {worst[1]} differs from PP=1's by {worst[0]:.2e}"
-    assert _rel(got["logits"], ref["logits"]) <= FP32, f"{layout.label}: logits after training differ from PP=1's"
+    assert rel_err(got["logits"], ref["logits"]) <= FP32, f"{layout.label}: logits after training differ from PP=1's"
 
 
 @pytest.mark.parametrize("layout", TRAINED + MOE, ids=lambda lay: lay.label)
@@ -135,7 +132,7 @@ def test_round_trips_give_the_source_logits(worlds, fmt):
             continue
         got = worlds[0][dst]["loaded"][f"{src}/{fmt}"]
         want = worlds[0][src]["logits"]
-        err = _rel(got, want)
+        err = rel_err(got, want)
         if not err <= FP32:
             bad.append(f"{src} -> {dst}: {err:.2e}")
     assert not bad, f"{fmt} round trips whose logits differ from the source model's: {bad}"

@@ -250,7 +250,7 @@ def full_factors(model) -> dict[str, torch.Tensor]:
     group = G.tp_group()
     out = {}
     for name, m in _lora_layers(model):
-        which, dim, stride = G._sharded_factor(m)
+        which, dim, stride = G.sharded_factor(m)
         for adapter in m.lora_A:
             for f, holder in (("A", m.lora_A[adapter]), ("B", m.lora_B[adapter])):
                 x = holder.weight

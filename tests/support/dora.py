@@ -167,10 +167,6 @@ def adapt(model, case: Case):
               target_modules=list(G.TARGETS), use_dora=True)
     if case.via == "apply_lora":
         tplora_kernels.apply_lora(model, tplora_kernels.LoRAConfig(backend=case.backend, **kw))
-        # apply_lora(freeze=True) freezes the magnitudes (it spares lora_A/lora_B only; see
-        # test_dora_gpt.test_apply_lora_keeps_magnitudes_trainable): make them trainable, as PEFT does.
-        for _, m in G.lora_layers(model):
-            m.lora_magnitude_vector["default"].weight.requires_grad_(True)
     elif case.via == "peft":
         import peft
 

@@ -225,11 +225,17 @@ def adapt(model, case: Case, *, lora_seed: int = SEED + 1):
 
 
 def lora_layers(model) -> list[tuple[str, torch.nn.Module]]:
-    """(plain dotted name, module) of every LoRA layer, names without PEFT's prefix."""
-    return [(name.removeprefix("base_model.model."), m) for name, m in tplora_kernels.lora_modules(model)]
+    """(local dotted name, module) of every LoRA layer, names without PEFT's prefix.
+
+    The names are the model's own (``named_modules``: local layer and expert indices), not the
+    library's canonical ones (``tplora_kernels.lora_modules``): the oracles here map them to global
+    indices by their own rule, so the library's naming is checked, not assumed.
+    """
+    return [(name.removeprefix("base_model.model."), m) for name, m in model.named_modules()
+            if isinstance(m, tplora_kernels.LoRALayer)]
 
 
-def _sharded_factor(m) -> tuple[str, int, int]:
+def sharded_factor(m) -> tuple[str, int, int]:
     """(which factor is TP-sharded, its dim, its stride), read from the base weight (the oracle)."""
     w = m.base_layer.weight
     which = "B" if isinstance(m.base_layer, ColumnParallelLinear) else "A"
@@ -245,7 +251,7 @@ def factor_tensors(model, *, grad: bool = False) -> dict[str, torch.Tensor]:
     group = tp_group()
     out = {}
     for name, m in lora_layers(model):
-        which, dim, stride = _sharded_factor(m)
+        which, dim, stride = sharded_factor(m)
         for f, holder in (("A", m.lora_A["default"]), ("B", m.lora_B["default"])):
             x = holder.weight.grad if grad else holder.weight
             if x is None:
@@ -261,7 +267,7 @@ def layout_report(model) -> dict:
     """
     out = {}
     for name, m in lora_layers(model):
-        which, dim, stride = _sharded_factor(m)
+        which, dim, stride = sharded_factor(m)
         p = (m.lora_B if which == "B" else m.lora_A)["default"].weight
         lib = tplora_kernels.gather_full_factors(m, "default")[1 if which == "B" else 0]
         ours = gather_by_rule(p, dim, stride, tp_group())
@@ -287,7 +293,7 @@ def _directions(model, direction_seed: int) -> dict[str, torch.Tensor]:
     fulls = factor_tensors(model)
     out = {}
     for name, m in lora_layers(model):
-        which, dim, stride = _sharded_factor(m)
+        which, dim, stride = sharded_factor(m)
         for f in ("A", "B"):
             key = f"{name}.{f}"
             v = torch.randn(fulls[key].shape, generator=g)
@@ -327,7 +333,7 @@ def finite_difference(model, names: list[str] | None, *, seed: int = SEED + 7, e
     lm_loss(model).backward()
     sum_sp_grads(model)
     grads = {k: params[k].grad.double() for k in keys}
-    sharded = {f"{name}.{_sharded_factor(m)[0]}" for name, m in lora_layers(model)}
+    sharded = {f"{name}.{sharded_factor(m)[0]}" for name, m in lora_layers(model)}
     original = {k: params[k].detach().clone() for k in keys}
 
     def loss_at(direction: dict, step: float) -> float:

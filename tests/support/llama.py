@@ -275,9 +275,10 @@ def adapt(model, *, targets=MEGATRON_TARGETS, seed: int = G.SEED + 1, **override
 
 def megatron_factors(model) -> dict[str, dict]:
     """Every LoRA layer's full A, B and scale by global module name (every rank of each TP group calls it)."""
-    names = {n: canonical_name(model, n) for n, _ in tplora_kernels.lora_modules(model)}
+    layers = G.lora_layers(model)  # the model's own (local) names: the oracle numbers experts itself
+    names = {n: canonical_name(model, n) for n, _ in layers}
     out = {}
-    for name, m in tplora_kernels.lora_modules(model):
+    for name, m in layers:
         a, b = tplora_kernels.gather_full_factors(m, m.active_adapter)
         opts = m.adapter_options(m.active_adapter)
         out[name] = dict(a=a, b=b, scale=opts.scaling, r=opts.r, alpha=opts.lora_alpha)

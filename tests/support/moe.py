@@ -185,7 +185,7 @@ def _split(p: torch.Tensor) -> tuple[int, int] | None:
 
 def _factor_splits(m) -> dict[str, tuple[int, int] | None]:
     """{"A"/"B": split}: the factor on the base weight's sharded side takes the base weight's split."""
-    which, dim, stride = G._sharded_factor(m)
+    which, dim, stride = G.sharded_factor(m)
     return {f: (dim, stride) if f == which else None for f in ("A", "B")}
 
 

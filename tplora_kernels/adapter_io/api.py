@@ -397,7 +397,8 @@ def load_adapter_state_dict(model: Model, tensors: dict[str, torch.Tensor], conf
         adapter_name: the name to load it under.
         activate: make it every layer's active adapter.
         strict: every LoRA layer of the model must find its tensors, and every tensor a layer.
-            ``strict=False`` loads the layers both have and leaves the others as they are.
+            ``strict=False`` loads the layers both have and leaves the others as they are. A source
+            none of whose layers is the model's is refused either way (a naming mismatch).
         group: the ranks that call it (default: the whole job when megatron's parallel_state is
             initialised, else the layers' tensor-parallel group).
         where: names the source in messages.
