@@ -17,7 +17,9 @@ must print the result on rank 0 with no warnings before it.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -128,10 +130,28 @@ def test_readme_names_both_launches_for_every_example():
         assert kinds == ["python", "torchrun"], f"{path}: README gives {found}"
 
 
+def _run_in_own_group(argv: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``argv`` in a new process group, killed whole on timeout: the example's own ranks too
+    (``subprocess.run`` kills only its direct child, and the spawned ranks would outlive the suite)."""
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"`{' '.join(argv)}` ran past {timeout:g}s (killed with its ranks):\n{out[-2000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 @pytest.mark.parametrize("cmd", _picked())
 def test_example_prints_its_result_without_warnings(cmd):
     """An example run as README says prints one result line on rank 0 and no warning."""
-    proc = subprocess.run(_launch(cmd), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    # The user's environment, not the suite's: conftest sets TRITON_INTERPRET=1 for the kernel tests,
+    # and with it the package's auto backend runs the Triton interpreter (the pipeline example then
+    # takes minutes instead of tens of seconds).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = _run_in_own_group(_launch(cmd), env, timeout=240)
     assert proc.returncode == 0, f"`{cmd}` failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     path = cmd.split()[-1]
     lines = proc.stdout.splitlines()
