@@ -177,6 +177,18 @@ def _dora_scale(magnitude: torch.Tensor, norm_sq: torch.Tensor) -> tuple[torch.T
     return inv, magnitude.detach().float() * inv
 
 
+def _saved_dora(ctx, saved: tuple) -> tuple:
+    """``(magnitude, y0, g, 1/‖·‖, need_dm)`` from what a DoRA forward saved after LoRA's six tensors.
+
+    g is recomputed as forward computed it (``_dora_scale``), bit for bit, so one [N] vector fewer
+    is saved. All None (need_dm False) without DoRA.
+    """
+    if len(saved) <= 6:
+        return None, None, None, None, False
+    magnitude, y0, inv = saved[6:]
+    return magnitude, y0, magnitude.detach().float() * inv, inv, ctx.needs_input_grad[6]
+
+
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``out += a @ b`` on a 2-D or row-chunked ``out`` (DoRA's unmasked ``dy W`` under dropout)."""
     rpc = out.shape[1] if out.dim() == 3 else max(out.shape[0], 1)
@@ -249,9 +261,7 @@ class ColumnParallelLoRAFn(torch.autograd.Function):
     def backward(ctx, dy):
         plan, be, saved, (need_dx, need_da, need_db) = _unpack(ctx)
         x, weight, lora_a, lora_b, u, seed = saved[:6]
-        magnitude, y0, inv = saved[6:] if len(saved) > 6 else (None, None, None)
-        g = None if magnitude is None else magnitude.detach().float() * inv  # forward's g, bit for bit
-        need_dm = magnitude is not None and ctx.needs_input_grad[6]
+        magnitude, y0, g, inv, need_dm = _saved_dora(ctx, saved)
         drop = plan.dropout(seed)
         if plan.mode.gather_output:
             n = weight.shape[0]
@@ -368,9 +378,7 @@ class RowParallelLoRAFn(torch.autograd.Function):
     def backward(ctx, dy):
         plan, be, saved, (need_dx, need_da, need_db) = _unpack(ctx)
         x_i, weight, lora_a, lora_b, u, seed = saved[:6]
-        magnitude, y0, inv = saved[6:] if len(saved) > 6 else (None, None, None)
-        g = None if magnitude is None else magnitude.detach().float() * inv  # forward's g, bit for bit
-        need_dm = magnitude is not None and ctx.needs_input_grad[6]
+        magnitude, y0, g, inv, need_dm = _saved_dora(ctx, saved)
         dy = dy.to(x_i.dtype)
         dY = D.all_gather_rows(dy, plan.mode.group) if plan.mode.sequence_parallel else dy
         drop = plan.dropout(seed).shifted(cols=plan.mode.rank * weight.shape[1])

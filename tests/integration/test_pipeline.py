@@ -149,3 +149,21 @@ def test_refusals_raise_on_every_rank(worlds):
     assert "strict=False" not in per_rank[0]["missing_layer"], (
         f"a layout-independent mismatch must not advise strict=False: {per_rank[0]['missing_layer']}")
     assert "1 LoRA layer(s)" in per_rank[0]["missing_layer"], f"miscounted: {per_rank[0]['missing_layer']}"
+
+
+def test_report(worlds, capsys):
+    """Per layout: training drift against PP=1 (losses, trained factors, logits); per round trip: the logits'
+    relative error against the source model (printed; the tests above hold the bars)."""
+    rows = []
+    for layout in TRAINED[1:] + MOE[1:]:
+        got, ref = worlds[0][layout.label], worlds[0][(MOE[0] if layout.moe else REFERENCE).label]
+        drift = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], ref["losses"]))
+        factors = max(rel_err(got["factors"][k], ref["factors"][k]) for k in ref["factors"])
+        rows.append(f"train {layout.label:<28} loss drift {drift:.1e}  factors {factors:.1e}  "
+                    f"logits {rel_err(got['logits'], ref['logits']):.1e}")
+    for dst, src, fmt in sorted(_round_trips(worlds)):
+        err = rel_err(worlds[0][dst]["loaded"][f"{src}/{fmt}"], worlds[0][src]["logits"])
+        rows.append(f"{fmt:<5} {src:>18} -> {dst:<18} logits {err:.1e}")
+    assert rows
+    with capsys.disabled():
+        print("\n" + "\n".join(rows))
