@@ -310,7 +310,7 @@ def judge_dora(records: list[dict]) -> dict:
         "dora_collectives": target("DoRA adds 0 collectives per micro-batch over LoRA in every (mode, phase); a row "
                                    "layer's forward collective is n values per block wider (+ T×n with dropout)", coll),
         "dora_saved": target("DoRA saves at most LoRA's bytes + one output-sized tensor (y0) + two fp32 [n] row "
-                             "vectors (g, 1/norm)", saved),
+                             "vectors (1/norm; at row p=0 the norm values riding the buffer y0 views)", saved),
         "dora_times": {tp: {k: _spread(v) for k, v in d.items()} for tp, d in sorted(per_tp.items())},
     }
 

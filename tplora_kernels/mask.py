@@ -2,7 +2,7 @@
 
 Nothing is stored. The kernels regenerate the mask in registers in the forward and backward passes;
 this module is the torch implementation of the same function, bit-identical to the kernels'
-(``tests/test_mask.py`` proves it), used by the ``torch`` backend, the reference and the tests.
+(``tests/ops/test_mask.py`` proves it), used by the ``torch`` backend, the reference and the tests.
 
 The scheme, and why:
 

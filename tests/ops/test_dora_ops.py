@@ -15,7 +15,7 @@ within 2x torch's own error doing the same in that dtype + 1e-6. Layouts: ``plai
 them over) with a NaN guard operand; ``strided`` inputs (column-major rows, every-other-column
 weights and vectors) and outputs cut from NaN-filled buffers, so a kernel that ignores a stride
 reads NaN and a write outside a view shows. The dropout mask is checked element by element
-against ``mask.keep_mask`` (the kernels' and shrink_fwd's mask, ``tests/test_mask.py``).
+against ``mask.keep_mask`` (the kernels' and shrink_fwd's mask, ``tests/ops/test_mask.py``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Dropout seeds (tplora_kernels.rng): explicit seeds, Megatron's tracker, recompute.
 
-The tracker stand-in (tests/support/megatron_shims.py) keeps megatron's states and seeds but swaps
+The tracker stand-in (tplora_kernels/testing/megatron_cpu.py) keeps megatron's states and seeds but swaps
 the CPU generator where the real tracker swaps the CUDA one, so "a seed drawn from whatever
 generator is current" differs per TP rank inside the model-parallel fork here exactly as it does
 on a GPU. One process plays each "TP rank" by seeding the tracker with that rank's tp_rank.
