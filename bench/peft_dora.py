@@ -46,21 +46,10 @@ from tplora_kernels.mappings import (
     ScatterCols,
     base_parallel_linear,
 )
-from tplora_kernels.mask import dropout_threshold, keep_mask, keep_scale
 from tplora_kernels.mode import TPMode
+from tplora_kernels.reference import materialised_dropout
 
 __all__ = ["column_parallel_dora_peft", "row_parallel_dora_peft"]
-
-
-def _dropout(x: torch.Tensor, p: float, seed, row0: int, col0: int, kind: str) -> torch.Tensor:
-    """PEFT's ``nn.Dropout`` (``kind="bernoulli"``) or the package's Philox mask at global (row0, col0)."""
-    if p == 0:
-        return x
-    if kind == "bernoulli":
-        return torch.nn.functional.dropout(x, p, training=True)
-    thr = dropout_threshold(p)
-    keep = keep_mask(seed, row0, x.shape[0], col0, x.shape[1], thr, device=x.device)
-    return x * keep.to(x.dtype) * keep_scale(thr)
 
 
 def _combine(result: torch.Tensor, base_result: torch.Tensor, lora: torch.Tensor, magnitude: torch.Tensor,
@@ -96,7 +85,7 @@ def column_parallel_dora_peft(x, weight, lora_a, lora_b, magnitude, *, bias=None
     ld = lora_a.dtype
     x2 = x.reshape(-1, x.shape[-1]).to(ld)
     row0 = mode.rank * x2.shape[0] if mode.sequence_parallel else 0
-    xd = _dropout(x2, dropout_p, seed, row0, 0, dropout)
+    xd = materialised_dropout(x2, dropout_p, seed, row0, 0, dropout)
     u = xd @ lora_a.t()
     lora = (GatherRows.apply(u, group) if mode.sequence_parallel else CopyToRegion.apply(u, group)) @ lora_b.t()
     w = weight.to(ld)
@@ -142,7 +131,7 @@ def row_parallel_dora_peft(x, weight, lora_a, lora_b, magnitude, *, bias=None, s
     ld = lora_a.dtype
     x2 = x.reshape(-1, x.shape[-1])
     xi = (x2 if mode.input_is_parallel else ScatterCols.apply(x2, group)).to(ld)
-    xd = _dropout(xi, dropout_p, seed, 0, mode.rank * weight.shape[1], dropout)
+    xd = materialised_dropout(xi, dropout_p, seed, 0, mode.rank * weight.shape[1], dropout)
 
     def reduce(partial):
         return ReduceScatterRows.apply(partial, group) if mode.sequence_parallel else ReduceFromRegion.apply(

@@ -35,12 +35,28 @@ __all__ = [
     "column_parallel_lora_reference",
     "dora_dense",
     "lora_dense",
+    "materialised_dropout",
     "row_parallel_lora_reference",
 ]
 
 
-def _dropout(x: torch.Tensor, p: float, seed, row0: int, col0: int, kind: str) -> torch.Tensor:
-    """Materialised dropout of 2-D ``x``: the package's Philox mask, or nn.Dropout's bernoulli."""
+def materialised_dropout(x: torch.Tensor, p: float, seed, row0: int, col0: int, kind: str) -> torch.Tensor:
+    """Materialised dropout of 2-D ``x``: the package's Philox mask at global (row0, col0), or nn.Dropout's bernoulli.
+
+    Args:
+        x: [T, K].
+        p: the drop probability (0: ``x`` itself).
+        seed: the Philox seed (``kind="philox"``).
+        row0, col0: the global offset of ``x``'s first row and column in the mask.
+        kind: ``"philox"`` (the kernels' mask) or ``"bernoulli"`` (``nn.functional.dropout``).
+
+    Returns:
+        [T, K]: ``x`` with dropped entries zeroed and kept ones scaled.
+
+    Example:
+        >>> materialised_dropout(torch.ones(2, 3), 0.0, 0, 0, 0, "philox").sum().item()
+        6.0
+    """
     if p == 0:
         return x
     if kind == "bernoulli":
@@ -77,7 +93,7 @@ def lora_dense(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora
         torch.Size([3, 4])
     """
     x2 = x.reshape(-1, x.shape[-1])
-    xd = _dropout(x2, dropout_p, seed, 0, 0, "philox") if dropout_p else x2
+    xd = materialised_dropout(x2, dropout_p, seed, 0, 0, "philox") if dropout_p else x2
     y = x2 @ weight.t() + scale * ((xd @ lora_a.to(x.dtype).t()) @ lora_b.to(x.dtype).t())
     if bias is not None:
         y = y + bias
@@ -127,7 +143,7 @@ def dora_dense(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora
         norm = torch.linalg.norm(weight.detach() + scale * (b.detach() @ a.detach()), dim=1)
     g = magnitude / norm
     if dropout_p:
-        xd = _dropout(x2, dropout_p, seed, 0, 0, "philox")
+        xd = materialised_dropout(x2, dropout_p, seed, 0, 0, "philox")
         y = x2 @ weight.t() + (g - 1) * (xd @ weight.t()) + g * (scale * ((xd @ a.t()) @ b.t()))
     else:
         y = g * (x2 @ weight.t() + scale * ((x2 @ a.t()) @ b.t()))
@@ -164,7 +180,7 @@ def column_parallel_lora_reference(x, weight, lora_a, lora_b, *, bias=None, scal
     y = base_parallel_linear(x, weight, mode, bias=bias)
     x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
     row0 = mode.rank * x2.shape[0] if mode.sequence_parallel else 0
-    u = _dropout(x2, dropout_p, seed, row0, 0, dropout) @ lora_a.t()
+    u = materialised_dropout(x2, dropout_p, seed, row0, 0, dropout) @ lora_a.t()
     U = GatherRows.apply(u, group) if mode.sequence_parallel else CopyToRegion.apply(u, group)
     z = U @ lora_b.t()
     if mode.gather_output:
@@ -197,7 +213,7 @@ def row_parallel_lora_reference(x, weight, lora_a, lora_b, *, bias=None, scale=1
     x2 = x.reshape(-1, x.shape[-1])
     xi = x2 if mode.input_is_parallel else ScatterCols.apply(x2, group)
     xi = xi.to(lora_a.dtype)
-    u = _dropout(xi, dropout_p, seed, 0, mode.rank * weight.shape[1], dropout) @ lora_a.t()
+    u = materialised_dropout(xi, dropout_p, seed, 0, mode.rank * weight.shape[1], dropout) @ lora_a.t()
     U = ReduceScatterRows.apply(u, group) if mode.sequence_parallel else ReduceFromRegion.apply(u, group)
     z = U @ lora_b.t()
     return (y + scale * z.view(y.shape)).to(x.dtype)

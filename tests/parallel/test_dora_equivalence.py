@@ -43,7 +43,7 @@ from tplora_kernels.reference import dora_dense
 
 from ..support.checks import abs_err, bar_for, exceeds
 from ..support.harness import TP_SIZES, cpu_kernel_backend
-from ..support.problems import DTYPES, Shapes, full_problem, shard
+from ..support.problems import DTYPES, Shapes, full_problem, shard, tp_case
 
 GRADS = ("y", "dx", "dA", "dB", "dm")
 LOW_MIN = 16
@@ -164,12 +164,6 @@ def dora_task(ctx, *, kind: str, sp: bool, opt: bool, bias: bool, dtype: str, lo
 # ---------------------------------------------------------------------------------------------
 # In the test process
 # ---------------------------------------------------------------------------------------------
-def _case(kind="column", tp=1, sp=False, opt=False, bias=True, dtype="fp32", lora_dtype="fp32", p=0.0,
-          seed=1, data_seed=0, S=7, Bt=1, K=8, N=8, r=2, scale=0.5, backend="interpret") -> dict:
-    return dict(kind=kind, tp=tp, sp=sp, opt=opt, bias=bias, dtype=dtype, lora_dtype=lora_dtype, p=p, seed=seed,
-                data_seed=data_seed, shapes=Shapes(S=S, Bt=Bt, K=K, N=N, r=r), scale=scale, backend=backend)
-
-
 def _describe(c: dict) -> str:
     opt = "gather_output" if c["kind"] == "column" else "input_is_parallel"
     sh = c["shapes"]
@@ -214,7 +208,7 @@ def dora_cases(draw) -> dict:
     Bt = draw(st.integers(1, 2))
     s_min = -(-lo // Bt)
     S = draw(st.integers(-(-s_min // tp), 24 // tp)) * tp if sp else draw(st.integers(s_min, 24))
-    return _case(
+    return tp_case(
         kind=draw(st.sampled_from(["column", "row"])), tp=tp, sp=sp, opt=draw(st.booleans()), bias=draw(st.booleans()),
         dtype=dtype, lora_dtype=lora_dtype, p=draw(st.sampled_from([0.0, 0.0, 0.1, 0.4])),
         seed=draw(st.integers(0, 2**63 - 1)), data_seed=draw(st.integers(0, 2**31 - 1)), S=S, Bt=Bt,
@@ -230,21 +224,21 @@ def dora_cases(draw) -> dict:
 # Pinned: a row and a column layer at TP 2 with and without SP and dropout (where a missing
 # cross-rank norm sum or an undetached norm shows), odd sizes, r = 1, fp16 with fp32 factors,
 # 16-bit factors riding a row layer's reduce-scatter, TP 1 and 4.
-@example(case=_case("row", 2, sp=False, opt=True, p=0.0, S=9, K=24, N=20, r=3, seed=3, data_seed=11))
-@example(case=_case("row", 2, sp=True, opt=False, p=0.1, S=6, Bt=2, K=24, N=20, r=3, seed=4, data_seed=12,
+@example(case=tp_case("row", 2, sp=False, opt=True, p=0.0, S=9, K=24, N=20, r=3, seed=3, data_seed=11))
+@example(case=tp_case("row", 2, sp=True, opt=False, p=0.1, S=6, Bt=2, K=24, N=20, r=3, seed=4, data_seed=12,
                     backend="torch"))
-@example(case=_case("column", 2, sp=True, opt=True, p=0.1, S=6, Bt=2, K=20, N=24, r=3, seed=5, data_seed=13))
-@example(case=_case("column", 2, sp=False, opt=False, p=0.0, S=9, K=20, N=24, r=1, bias=False, data_seed=14,
+@example(case=tp_case("column", 2, sp=True, opt=True, p=0.1, S=6, Bt=2, K=20, N=24, r=3, seed=5, data_seed=13))
+@example(case=tp_case("column", 2, sp=False, opt=False, p=0.0, S=9, K=20, N=24, r=1, bias=False, data_seed=14,
                     backend="torch"))
-@example(case=_case("row", 4, sp=True, opt=True, dtype="bf16", p=0.1, S=8, Bt=2, K=32, N=24, r=4, data_seed=15))
-@example(case=_case("column", 4, sp=False, opt=True, dtype="fp16", p=0.4, S=17, K=32, N=24, r=5, data_seed=16))
-@example(case=_case("row", 1, dtype="bf16", lora_dtype="bf16", p=0.1, S=17, K=20, N=28, r=2, data_seed=17,
+@example(case=tp_case("row", 4, sp=True, opt=True, dtype="bf16", p=0.1, S=8, Bt=2, K=32, N=24, r=4, data_seed=15))
+@example(case=tp_case("column", 4, sp=False, opt=True, dtype="fp16", p=0.4, S=17, K=32, N=24, r=5, data_seed=16))
+@example(case=tp_case("row", 1, dtype="bf16", lora_dtype="bf16", p=0.1, S=17, K=20, N=28, r=2, data_seed=17,
                     backend="torch"))
-@example(case=_case("row", 2, sp=True, opt=True, dtype="fp16", lora_dtype="fp16", p=0.4, S=8, Bt=2, K=32, N=24, r=3,
+@example(case=tp_case("row", 2, sp=True, opt=True, dtype="fp16", lora_dtype="fp16", p=0.4, S=8, Bt=2, K=32, N=24, r=3,
                     data_seed=18))
-@example(case=_case("column", 1, dtype="bf16", p=0.0, S=16, K=24, N=20, r=2, bias=False, data_seed=19,
+@example(case=tp_case("column", 1, dtype="bf16", p=0.0, S=16, K=24, N=20, r=2, bias=False, data_seed=19,
                     backend="torch"))
-@example(case=_case("column", 4, sp=True, opt=False, p=0.1, S=12, K=20, N=16, r=1, scale=2.0, data_seed=20))
+@example(case=tp_case("column", 4, sp=True, opt=False, p=0.1, S=12, K=20, N=16, r=1, scale=2.0, data_seed=20))
 def test_dora_tp_equivalence(dist_pool, kernel_backend, case):
     """DoRA in any mode at TP 1/2/4, SP on or off, any dtype and backend: y, dx, dA, dB and dm on every
     rank equal their piece of PEFT's formula in fp64 on the full layer, within the tolerance rule.
@@ -263,6 +257,6 @@ def test_cublas_dora_tp_equivalence(dist_pool, kernel_backend, kind, tp):
     if kernel_backend != "interpret":
         pytest.skip("the gloo ranks hold CPU tensors; cublas runs on them only under the interpreter")
     common = dict(Bt=2, K=24, N=32, r=5, scale=1.7, backend="cublas", data_seed=20 + tp)
-    check_dora(dist_pool, _case(kind, tp, sp=tp > 1, opt=False, dtype="bf16", p=0.3, S=8, seed=0xC0B1A5, **common),
+    check_dora(dist_pool, tp_case(kind, tp, sp=tp > 1, opt=False, dtype="bf16", p=0.3, S=8, seed=0xC0B1A5, **common),
                kernel_backend)
-    check_dora(dist_pool, _case(kind, tp, sp=False, opt=tp > 1, dtype="fp32", p=0.0, S=6, **common), kernel_backend)
+    check_dora(dist_pool, tp_case(kind, tp, sp=False, opt=tp > 1, dtype="fp32", p=0.0, S=6, **common), kernel_backend)

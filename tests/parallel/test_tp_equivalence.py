@@ -37,7 +37,7 @@ from tplora_kernels.reference import column_parallel_lora_reference, row_paralle
 
 from ..support.checks import FP32_BAR, abs_err, assert_within, bar_for, exceeds, rel_err
 from ..support.harness import TP_SIZES, cpu_kernel_backend
-from ..support.problems import DTYPES, GRADS, Shapes, dense_grads, full_problem, shard
+from ..support.problems import DTYPES, GRADS, Shapes, dense_grads, full_problem, shard, tp_case
 
 LOW_MIN = 16
 # torch's own errors, as equivalence_task names them -> as a failure names them
@@ -149,12 +149,6 @@ def identity_adapter_task(ctx, *, kind: str, sp: bool, p: float, seed: int, T: i
 # ---------------------------------------------------------------------------------------------
 # In the test process
 # ---------------------------------------------------------------------------------------------
-def _case(kind="column", tp=1, sp=False, opt=False, bias=True, dtype="fp32", lora_dtype="fp32", p=0.0,
-          seed=1, data_seed=0, S=7, Bt=1, K=8, N=8, r=2, scale=0.5, backend="interpret") -> dict:
-    return dict(kind=kind, tp=tp, sp=sp, opt=opt, bias=bias, dtype=dtype, lora_dtype=lora_dtype, p=p, seed=seed,
-                data_seed=data_seed, shapes=Shapes(S=S, Bt=Bt, K=K, N=N, r=r), scale=scale, backend=backend)
-
-
 def _describe(c: dict) -> str:
     opt = "gather_output" if c["kind"] == "column" else "input_is_parallel"
     sh = c["shapes"]
@@ -207,7 +201,7 @@ def tp_cases(draw) -> dict:
     s_min = -(-lo // Bt)  # rows = S * Bt >= lo
     # S is the sequence (dim 0) and must divide by TP under SP; Bt multiplies the rows.
     S = draw(st.integers(-(-s_min // tp), 48 // tp)) * tp if sp else draw(st.integers(s_min, 48))
-    return _case(
+    return tp_case(
         kind=kind, tp=tp, sp=sp, opt=draw(st.booleans()), bias=draw(st.booleans()), dtype=dtype,
         lora_dtype=lora_dtype,
         p=draw(st.one_of(st.just(0.0), st.sampled_from([0.1, 0.5]), st.floats(0.01, 0.9))),
@@ -223,17 +217,17 @@ def tp_cases(draw) -> dict:
 @settings(max_examples=500)
 @given(case=tp_cases())
 # The odd sizes, pinned: T=63 rows, K=60, N=40, r=1 / 5 / 17, every TP, odd rows per rank under SP.
-@example(case=_case("column", 4, sp=False, opt=True, dtype="fp32", p=0.1, S=63, K=60, N=40, r=1))
-@example(case=_case("row", 4, sp=False, opt=False, dtype="fp32", p=0.1, S=63, K=60, N=40, r=1))
-@example(case=_case("column", 4, sp=True, opt=False, dtype="bf16", p=0.3, S=12, Bt=3, K=60, N=40, r=17))
-@example(case=_case("row", 4, sp=True, opt=True, dtype="bf16", lora_dtype="bf16", p=0.3, S=12, Bt=3, K=60, N=40,
+@example(case=tp_case("column", 4, sp=False, opt=True, dtype="fp32", p=0.1, S=63, K=60, N=40, r=1))
+@example(case=tp_case("row", 4, sp=False, opt=False, dtype="fp32", p=0.1, S=63, K=60, N=40, r=1))
+@example(case=tp_case("column", 4, sp=True, opt=False, dtype="bf16", p=0.3, S=12, Bt=3, K=60, N=40, r=17))
+@example(case=tp_case("row", 4, sp=True, opt=True, dtype="bf16", lora_dtype="bf16", p=0.3, S=12, Bt=3, K=60, N=40,
                     r=17))
-@example(case=_case("column", 2, sp=True, opt=True, dtype="fp16", lora_dtype="fp16", p=0.5, S=6, Bt=3, K=60,
+@example(case=tp_case("column", 2, sp=True, opt=True, dtype="fp16", lora_dtype="fp16", p=0.5, S=6, Bt=3, K=60,
                     N=40, r=5, bias=False))
-@example(case=_case("row", 2, sp=True, opt=False, dtype="fp16", p=0.5, S=6, Bt=3, K=60, N=40, r=5, bias=False))
-@example(case=_case("column", 1, dtype="bf16", p=0.2, S=63, K=60, N=40, r=2, backend="torch"))
-@example(case=_case("row", 1, dtype="fp32", p=0.2, S=63, K=60, N=40, r=1, backend="torch"))
-@example(case=_case("row", 2, sp=False, opt=True, dtype="fp32", p=0.0, S=63, K=60, N=40, r=5, backend="torch"))
+@example(case=tp_case("row", 2, sp=True, opt=False, dtype="fp16", p=0.5, S=6, Bt=3, K=60, N=40, r=5, bias=False))
+@example(case=tp_case("column", 1, dtype="bf16", p=0.2, S=63, K=60, N=40, r=2, backend="torch"))
+@example(case=tp_case("row", 1, dtype="fp32", p=0.2, S=63, K=60, N=40, r=1, backend="torch"))
+@example(case=tp_case("row", 2, sp=False, opt=True, dtype="fp32", p=0.0, S=63, K=60, N=40, r=5, backend="torch"))
 def test_tp_equivalence(dist_pool, kernel_backend, case):
     """Any mode at TP 1/2/4, SP on or off, any dtype and backend: y, dx, dA and dB on every rank
     equal their piece of the single-device fp64 math within the tolerance rule.
@@ -259,7 +253,7 @@ def test_cublas_tp_equivalence(dist_pool, kernel_backend, kind, opt, tp, sp):
     if kernel_backend != "interpret":
         pytest.skip("the gloo ranks hold CPU tensors; cublas runs on them only under the interpreter")
     dtype = "bf16" if sp else "fp32"
-    check_equivalence(dist_pool, _case(kind, tp, sp=sp, opt=opt, dtype=dtype, p=0.3, S=12, Bt=3, K=24, N=40, r=5,
+    check_equivalence(dist_pool, tp_case(kind, tp, sp=sp, opt=opt, dtype=dtype, p=0.3, S=12, Bt=3, K=24, N=40, r=5,
                                        scale=1.7, seed=0xC0B1A5, data_seed=tp, backend="cublas"), kernel_backend)
 
 

@@ -135,3 +135,10 @@ def weights(kind: str, rank: int, t: int, K: int, N: int, r: int, seed: int = 0,
     a, b = lay.shard_factors(A, B, rank, t)
     return {"weight": lay.weight.shard(W, rank, t).to(dtype), "lora_a": a.float(), "lora_b": b.float(),
             "bias": features(lay.y).shard(bias, rank, t).to(dtype)}
+
+
+def tp_case(kind="column", tp=1, sp=False, opt=False, bias=True, dtype="fp32", lora_dtype="fp32", p=0.0,
+            seed=1, data_seed=0, S=7, Bt=1, K=8, N=8, r=2, scale=0.5, backend="interpret") -> dict:
+    """One TP-equivalence case (LoRA's or DoRA's): the layer's mode, dtypes, dropout, seeds and shapes."""
+    return dict(kind=kind, tp=tp, sp=sp, opt=opt, bias=bias, dtype=dtype, lora_dtype=lora_dtype, p=p, seed=seed,
+                data_seed=data_seed, shapes=Shapes(S=S, Bt=Bt, K=K, N=N, r=r), scale=scale, backend=backend)
