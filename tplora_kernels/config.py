@@ -26,6 +26,7 @@ __all__ = [
     "check_init",
     "check_rank",
     "check_scale",
+    "layer_indexed_patterns",
     "layer_options",
     "pattern_value",
     "real_number",
@@ -216,6 +217,38 @@ def check_config(config: Any) -> None:
         raise ValueError("tplora_kernels does not support these LoRA options: " + "; ".join(bad)
                          + ". Supported: r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights "
                          "(True/False/'gaussian'), rank_pattern, alpha_pattern.")
+
+
+_INDEX = re.compile(r"(?:^|\.)\d+(?:\.|$)")
+
+
+def layer_indexed_patterns(config: Any) -> list[str]:
+    """The module-selection patterns of ``config`` that name a layer by its index (``layers.1.fc1``).
+
+    PEFT matches its patterns against the module names of the model it is given, which in a
+    pipeline-split model are each stage's local ones (stage 1's ``layers.0`` is global layer 2),
+    so such a pattern means other layers on every stage but the first.
+
+    Args:
+        config: a PEFT ``LoraConfig`` or a ``LoRAConfig``.
+
+    Returns:
+        ``["<option> <pattern>", ...]``: ``rank_pattern``/``alpha_pattern`` keys, ``target_modules``
+        and ``exclude_modules`` entries (or regexes) with a numeric path component, and
+        ``layers_to_transform`` when set.
+
+    Example:
+        >>> layer_indexed_patterns(LoRAConfig(rank_pattern={"layers.1.fc1": 4, "fc2": 8}))
+        ["rank_pattern 'layers.1.fc1'"]
+    """
+    found = []
+    for option in ("target_modules", "exclude_modules", "rank_pattern", "alpha_pattern"):
+        value = getattr(config, option, None)
+        keys = [value] if isinstance(value, str) else list(value or [])
+        found += [f"{option} {k!r}" for k in keys if isinstance(k, str) and _INDEX.search(k.replace("\\", ""))]
+    if getattr(config, "layers_to_transform", None) is not None:
+        found.append(f"layers_to_transform {config.layers_to_transform!r}")
+    return found
 
 
 def layer_options(config: Any, *, target_name: str | None = None, r: int | None = None,

@@ -33,11 +33,27 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .adapters import OPTION_FIELDS
-from .config import check_config, layer_options
+from .config import check_config, layer_indexed_patterns, layer_options
 from .modules import ColumnParallelLoRA, RowParallelLoRA, unwrap_base_layer
 
 __all__ = ["PeftColumnParallelLoRA", "PeftRowParallelLoRA", "register"]
 
+
+
+def _refuse_stage_local_patterns(base: nn.Module, config: Any) -> None:
+    """Raise where PEFT's patterns name layers by index in a pipeline-split model (the same on every rank).
+
+    PEFT matched them against this stage's local module names before calling us, so on every
+    stage but the first they picked other layers than the user meant; ``apply_lora`` matches the
+    global names instead.
+    """
+    pp = getattr(getattr(base, "config", None), "pipeline_model_parallel_size", 1) or 1
+    found = layer_indexed_patterns(config) if pp > 1 else []
+    if found:
+        raise ValueError(f"LoraConfig {', '.join(found)} names layers by index, but at pipeline_model_parallel_size="
+                         f"{pp} PEFT matches patterns against each stage's local module names (stage 1's layers.0 is "
+                         "a later global layer): use tplora_kernels.apply_lora, which matches global names, or "
+                         "patterns without layer indices")
 
 
 class _PeftLoRAMixin:
@@ -51,6 +67,7 @@ class _PeftLoRAMixin:
                  **kwargs: Any) -> None:
         if config is None:
             raise TypeError(f"{type(self).__name__} needs config=<peft LoraConfig>")
+        _refuse_stage_local_patterns(unwrap_base_layer(base_layer), config)
         target_name = kwargs.pop("target_name", None)
         opts = layer_options(config, target_name=target_name, r=kwargs.pop("r", None),
                              lora_alpha=kwargs.pop("lora_alpha", None))
@@ -88,6 +105,7 @@ class _PeftLoRAMixin:
         """
         if config is None:
             raise TypeError("update_layer needs config=<peft LoraConfig>")
+        _refuse_stage_local_patterns(self.base_layer, config)
         opts = layer_options(config, target_name=kwargs.get("target_name"), r=r, lora_alpha=lora_alpha)
         self.draw_adapter(adapter_name, **opts)
         if getattr(config, "inference_mode", False) and adapter_name == self.active_adapter:
@@ -136,7 +154,10 @@ def register(lora_config: peft.LoraConfig, *, backend: str | None = None,
 
     Raises:
         TypeError: ``lora_config`` is not a PEFT LoraConfig.
-        ValueError: it asks for options the fused modules do not support (named in the message).
+        ValueError: it asks for options the fused modules do not support (named in the message);
+            later, when ``get_peft_model`` builds a layer of a pipeline-split model
+            (``pipeline_model_parallel_size > 1``), a pattern that names layers by index (PEFT
+            would match it against each stage's local names).
 
     Example:
         >>> from peft import LoraConfig

@@ -280,6 +280,46 @@ def test_rank_pattern_order_survives_save_and_load(dist_pool, tmp_path):
     assert got == res[0]["ranks"], f"PEFT read ranks {got} from our file, the TP model has {res[0]['ranks']}"
 
 
+def stage_patterns_task(ctx, pp: int) -> dict:
+    """get_peft_model on two blocks whose Megatron layers say ``pipeline_model_parallel_size=pp``.
+
+    The config object is the one a stage of a pipeline-split model shares with its layers; only
+    the field our refusal reads is set (no pipeline groups are needed to build the layers).
+    """
+    from peft import get_peft_model
+
+    out = {}
+    for name, kw in (("indexed", dict(rank_pattern=dict(PATTERN))), ("suffixes", dict(rank_pattern={"fc1": 2})),
+                     ("indexed_targets", dict(target_modules=r".*layers\.1\.fc1"))):
+        model = _Blocks(lambda: ToyMLP(ctx.group, ctx.tp))
+        for layer in (model.layers[0].fc1, model.layers[1].fc1, model.layers[0].fc2, model.layers[1].fc2):
+            layer.config.pipeline_model_parallel_size = pp
+        kw.setdefault("target_modules", ["fc1", "fc2"])
+        try:
+            get_peft_model(model, peft_config(r=8, lora_alpha=8, **kw))
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_peft_refuses_layer_indexed_patterns_on_a_pipeline_stage(dist_pool, pp):
+    """PEFT matches patterns against a stage's local names: at PP > 1 a pattern naming a layer by index is
+    refused on every rank (it would pick other layers on later stages); suffixes, and PP = 1, build."""
+    results = dist_pool.run(stage_patterns_task, 2, pp=pp)
+    for rank, got in enumerate(results):
+        assert got["suffixes"] is None, f"rank {rank} pp={pp}: suffix-only patterns refused: {got['suffixes']}"
+        for name, words in (("indexed", ["rank_pattern 'layers.1.fc1'", "pipeline_model_parallel_size=2",
+                                         "apply_lora"]),
+                            ("indexed_targets", ["target_modules", "pipeline_model_parallel_size=2"])):
+            if pp == 1:
+                assert got[name] is None, f"rank {rank} pp=1: {name} refused: {got[name]}"
+            else:
+                missing = [w for w in words if w not in (got[name] or "")]
+                assert not missing, f"rank {rank} pp=2: {name}: expected a ValueError naming {words}, got {got[name]!r}"
+
+
 def peft_example_task(ctx, path: str, out_dir: str) -> None:
     """examples/peft_example.py trains, saves and merges at TP=2 (run by this rank)."""
     res = run_example(ctx, path, out_dir)
