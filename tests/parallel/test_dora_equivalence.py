@@ -41,7 +41,7 @@ from tplora_kernels.layout import layout_for
 from tplora_kernels.mode import TPMode
 from tplora_kernels.reference import dora_dense
 
-from ..support.checks import abs_err, bar_for, exceeds
+from ..support.checks import abs_err, rank_failures
 from ..support.harness import TP_SIZES, cpu_kernel_backend
 from ..support.problems import DTYPES, Shapes, full_problem, shard, tp_case
 
@@ -180,20 +180,9 @@ def check_dora(dist_pool, case: dict, kernel_backend: str = "interpret") -> None
     if case["backend"] == "interpret":
         case["backend"] = cpu_kernel_backend(kernel_backend)
     results = dist_pool.run(dora_task, tp, **case)
-    where = _describe({**case, "tp": tp})
-    failures = []
-    for name in GRADS:
-        scale = max(res["scale"][name] for res in results) or 1.0
-        worst = max(range(tp), key=lambda r: results[r]["fused"][name])
-        err = results[worst]["fused"][name] / scale
-        own = None if case["dtype"] == "fp32" else {
-            label: max(res[k][name] for res in results) / scale for k, label in TORCH_RUNS.items()}
-        bar, why = bar_for(case["dtype"], own)
-        failures.append(exceeds(f"{name} (worst rank {worst}; {where})", err, bar, why))
-        if case["dtype"] == "fp32":  # the unfused per-rank structure the 16-bit bars use is itself right
-            peft = max(res["peft"][name] for res in results) / scale
-            failures.append(exceeds(f"{name} of PEFT's DoRA per rank (bench.peft_dora; {where})", peft, bar, why))
-    failures = [f for f in failures if f]
+    # The unfused per-rank structure the 16-bit bars use must itself be right in fp32.
+    failures = rank_failures(results, GRADS, case["dtype"], TORCH_RUNS, _describe({**case, "tp": tp}),
+                             extra=("peft", "PEFT's DoRA per rank (bench.peft_dora)"))
     assert not failures, "\n".join(failures)
 
 

@@ -35,7 +35,7 @@ from tplora_kernels.functional import column_parallel_lora, row_parallel_lora
 from tplora_kernels.mask import dropout_threshold, keep_mask
 from tplora_kernels.reference import column_parallel_lora_reference, row_parallel_lora_reference
 
-from ..support.checks import FP32_BAR, abs_err, assert_within, bar_for, exceeds, rel_err
+from ..support.checks import FP32_BAR, abs_err, assert_within, rank_failures, rel_err
 from ..support.harness import TP_SIZES, cpu_kernel_backend
 from ..support.problems import DTYPES, GRADS, Shapes, dense_grads, full_problem, shard, tp_case
 
@@ -169,17 +169,7 @@ def check_equivalence(dist_pool, case: dict, kernel_backend: str = "interpret") 
     if case["backend"] == "interpret":
         case["backend"] = cpu_kernel_backend(kernel_backend)
     results = dist_pool.run(equivalence_task, tp, **case)
-    where = _describe({**case, "tp": tp})
-    failures = []
-    for name in GRADS:
-        scale = max(res["scale"][name] for res in results) or 1.0
-        worst = max(range(tp), key=lambda r: results[r]["fused"][name])
-        err = results[worst]["fused"][name] / scale
-        own = None if case["dtype"] == "fp32" else {
-            label: max(res[k][name] for res in results) / scale for k, label in TORCH_RUNS.items()}
-        bar, why = bar_for(case["dtype"], own)
-        failures.append(exceeds(f"{name} (worst rank {worst}; {where})", err, bar, why))
-    failures = [f for f in failures if f]
+    failures = rank_failures(results, GRADS, case["dtype"], TORCH_RUNS, _describe({**case, "tp": tp}))
     assert not failures, "\n".join(failures)
 
 

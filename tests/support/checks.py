@@ -22,7 +22,32 @@ from tplora_kernels.testing.numerics import (
 )
 
 __all__ = ["FP32_BAR", "LOW_FACTOR", "LOW_TINY", "abs_err", "assert_raises", "assert_readme_shows_example",
-           "assert_within", "bar_for", "exceeds", "max_rel_err", "rel_err"]
+           "assert_within", "bar_for", "exceeds", "max_rel_err", "rank_failures", "rel_err"]
+
+
+def rank_failures(results: list[dict], names, dtype: str, torch_runs: dict[str, str], where: str,
+                  extra: tuple[str, str] | None = None) -> list[str]:
+    """Judge one TP group's errors of each tensor in ``names`` against the one tolerance rule.
+
+    Each rank's result holds ``{"scale": {name: max|exact|}, "fused": {name: max|got - exact|}, <run>:
+    {name: ...}}``. The error is the whole tensor's over all ranks (the worst rank's absolute error
+    over the largest ``max|exact|``); a 16-bit bar takes torch's own error from the ``torch_runs``
+    (``{key: label}``). ``extra``: ``(key, label)`` of a per-rank structure that must meet the same
+    bar in fp32 (a reference that the 16-bit bars rely on). Returns the failure messages (empty: all pass).
+    """
+    failures = []
+    for name in names:
+        scale = max(res["scale"][name] for res in results) or 1.0
+        worst = max(range(len(results)), key=lambda r: results[r]["fused"][name])
+        err = results[worst]["fused"][name] / scale
+        own = None if dtype == "fp32" else {
+            label: max(res[k][name] for res in results) / scale for k, label in torch_runs.items()}
+        bar, why = bar_for(dtype, own)
+        failures.append(exceeds(f"{name} (worst rank {worst}; {where})", err, bar, why))
+        if extra is not None and dtype == "fp32":
+            other = max(res[extra[0]][name] for res in results) / scale
+            failures.append(exceeds(f"{name} of {extra[1]} ({where})", other, bar, why))
+    return [f for f in failures if f]
 
 
 def assert_within(what: str, err: float, bar: float = FP32_BAR, why: str = "") -> None:
