@@ -174,19 +174,24 @@ def _no_autocast(device: torch.device):
 def _dora_scale(magnitude: torch.Tensor, norm_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(1/‖·‖, g = m/‖·‖)`` in fp32, the norm a constant (detached). A zero row norm gives inf, as in PEFT."""
     inv = norm_sq.detach().float().clamp_min(0).rsqrt()
-    return inv, magnitude.detach().float() * inv
+    return inv, _gain(magnitude, inv)
+
+
+def _gain(magnitude: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """``g = m · (1/‖·‖)`` in fp32: the one expression forward and backward use, so both get the same bits."""
+    return magnitude.detach().float() * inv
 
 
 def _saved_dora(ctx, saved: tuple) -> tuple:
     """``(magnitude, y0, g, 1/‖·‖, need_dm)`` from what a DoRA forward saved after LoRA's six tensors.
 
-    g is recomputed as forward computed it (``_dora_scale``), bit for bit, so one [N] vector fewer
-    is saved. All None (need_dm False) without DoRA.
+    g is recomputed as forward computed it (``_gain``), bit for bit, so one [N] vector fewer is
+    saved. All None (need_dm False) without DoRA.
     """
     if len(saved) <= 6:
         return None, None, None, None, False
     magnitude, y0, inv = saved[6:]
-    return magnitude, y0, magnitude.detach().float() * inv, inv, ctx.needs_input_grad[6]
+    return magnitude, y0, _gain(magnitude, inv), inv, ctx.needs_input_grad[6]
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
